@@ -1,0 +1,24 @@
+"""The one exception type that CLIs turn into a one-line error and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+class ModelError(Exception):
+    """A user-facing problem (bad file, bad flag, missing dependency): message is one line."""
+
+
+def run_cli(main: Callable[[], int | None]) -> NoReturn:
+    """Run a CLI entry point; a ModelError becomes `error: ...` on stderr and exit 2."""
+    try:
+        code = main()
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
