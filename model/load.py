@@ -83,6 +83,16 @@ def load_hf_folder(path: Path, cfg: dict[str, Any] | None = None) -> tuple[GPT, 
     if (path / "model.safetensors").is_file():
         weights = path / "model.safetensors"
         state = _read_safetensors(weights)
+    elif (path / "model.safetensors.index.json").is_file():  # sharded save_pretrained output
+        weights = path / "model.safetensors.index.json"
+        shards = sorted(set(_read_json(weights).get("weight_map", {}).values()))
+        if not shards:
+            raise ModelError(f"{weights}: no weight_map")
+        state = {}
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise ModelError(f"{path / shard}: shard listed in {weights.name} is missing")
+            state.update(_read_safetensors(path / shard))
     elif (path / "pytorch_model.bin").is_file():
         weights = path / "pytorch_model.bin"
         state = _torch_load(weights)
@@ -116,7 +126,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ModelError(f"{repo_id}: huggingface_hub is not installed; pass a local folder") from None
-    patterns = ["config.json", "model.safetensors"]
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:
