@@ -69,9 +69,14 @@ def save_checkpoint(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike
 def load_own_checkpoint(path: Path, cfg: dict[str, Any]) -> tuple[GPT, Tokenizer]:
     config = _config_or_error(path / "config.json", lambda: GPTConfig.from_dict(cfg["model"]))
     weights = path / "model.safetensors"
+    tokenizer = tokenizer_from_spec(cfg["tokenizer"], base_dir=path)
+    if not weights.is_file() and (path / "model.onnx").is_file():  # an export artifact (export/artifact.py)
+        from export.artifact import onnx_state_dict
+
+        return build_model(config, onnx_state_dict(path / "model.onnx"), path / "model.onnx"), tokenizer
     if not weights.is_file():
         raise ModelError(f"{weights}: weights file missing")
-    return build_model(config, _read_safetensors(weights), weights), tokenizer_from_spec(cfg["tokenizer"])
+    return build_model(config, _read_safetensors(weights), weights), tokenizer
 
 
 # ---- Hugging Face GPT-2

@@ -1,0 +1,206 @@
+"""Build the ONNX graph of a GPT with explicit KV cache straight from GPTConfig + weights.
+
+The graph is written node by node (no tracing): it is small, quick to build for any size,
+and its structure is exactly the contract documented in the README.
+
+Per layer, the fused graph ("fused", opset >= 23) is
+
+    LayerNormalization -> Gemm(c_attn) -> Split -> 3x (Reshape [B,S,H,D] -> Transpose [B,H,S,D])
+    Concat(past_key_values.i.key, k, axis=2) -> present.i.key      (KV concat stays OUTSIDE Attention)
+    Concat(past_key_values.i.value, v, axis=2) -> present.i.value
+    Attention(q, present.i.key, present.i.value, keep_mask)        (no past/present inputs or outputs)
+    Transpose -> Reshape [B*S,C] -> Gemm(c_proj) -> Add(residual)
+    LayerNormalization -> Gemm(c_fc) -> Gelu(approximate) -> Gemm(c_proj) -> Add(residual)
+
+The decomposed graph ("decomposed", opset 17..22) replaces Attention with
+MatMul/Mul/Where/Softmax/MatMul and Gelu with Erf or Tanh arithmetic.
+
+The residual stream is 2-D [B*S, C] so every Linear is one Gemm(transB=1) on the torch weight
+as is: initializers carry the PyTorch parameter names and layouts (transformer.h.0.attn.c_attn.weight
+[3C, C], ...), which is how model.load reads the weights back out of an artifact.
+Non-parameter constants are named "const.*".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from model.config import GPTConfig
+
+GraphKind = Literal["fused", "decomposed"]
+DTYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
+MIN_OPSET, MAX_OPSET = 17, 24  # 17: LayerNormalization; 20: Gelu; 23: Attention
+FUSED_MIN_OPSET = 23
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def io_names(config: GPTConfig) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(config.n_layer):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._consts: set[str] = set()
+        self.count = 0
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, out: list[str] | None = None,
+           **attrs) -> str | list[str]:
+        self.count += 1
+        name = f"{op_type}_{self.count}"
+        outputs = out or ([f"{name}_out"] if n_out == 1 else [f"{name}_out{j}" for j in range(n_out)])
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        """A named non-parameter constant; asking for the same name again reuses it."""
+        if f"const.{name}" not in self._consts:
+            self._consts.add(f"const.{name}")
+            self.initializers.append(numpy_helper.from_array(np.asarray(value), f"const.{name}"))
+        return f"const.{name}"
+
+    def weight(self, name: str, value: torch.Tensor, np_dtype: type) -> str:
+        array = value.detach().cpu().numpy().astype(np_dtype, copy=False)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+
+def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph: GraphKind = "fused",
+                    dtype: str = "float32", opset: int = 23, all_logits: bool = False) -> onnx.ModelProto:
+    """state: the GPT state_dict (fp32). Returns the ONNX model (weights inline)."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset {opset} is not supported (use {MIN_OPSET}..{MAX_OPSET})")
+    if graph == "fused" and opset < FUSED_MIN_OPSET:
+        raise ValueError(f"the fused graph needs opset >= {FUSED_MIN_OPSET} (ONNX Attention); got {opset}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    onnx_dtype, np_dtype = DTYPES[dtype]
+    c, H, D = config, config.n_head, config.head_dim
+    b = _Builder()
+    W = lambda name: b.weight(name, state[name], np_dtype)  # noqa: E731
+
+    # ---- shapes and the shared keep-mask [B, 1, S, P+S] (bottom-right causal, padding, own key)
+    batch = b.op("Shape", ["input_ids"], start=0, end=1)
+    seq = b.op("Shape", ["input_ids"], start=1, end=2)
+    past = b.op("Shape", ["past_key_values.0.key"], start=2, end=3)
+    total = b.op("Add", [past, seq])
+    zero, one = b.const("zero", np.array(0, np.int64)), b.const("one", np.array(1, np.int64))
+    axis0 = b.const("axis0", np.array([0], np.int64))
+    k_pos = b.op("Range", [zero, b.op("Squeeze", [total, axis0]), one])  # [T]
+    q_pos = b.op("Range", [b.op("Squeeze", [past, axis0]), b.op("Squeeze", [total, axis0]), one])  # [S]
+    q_col = b.op("Unsqueeze", [q_pos, b.const("axis1", np.array([1], np.int64))])  # [S, 1]
+    causal = b.op("LessOrEqual", [k_pos, q_col])  # [S, T]
+    own = b.op("Equal", [k_pos, q_col])
+    real = b.op("Unsqueeze", [b.op("Cast", ["attention_mask"], to=TensorProto.BOOL),
+                              b.const("axes12", np.array([1, 2], np.int64))])  # [B, 1, 1, T]
+    keep = b.op("Or", [b.op("And", [causal, real]), own], out=["attention_keep_mask"])  # [B, 1, S, T]
+    heads_shape = b.op("Concat", [batch, seq, b.const("heads", np.array([H, D], np.int64))], axis=0)
+    rows_shape = b.const("rows", np.array([-1, c.n_embd], np.int64))
+    split_sizes = b.const("qkv_split", np.array([c.n_embd] * 3, np.int64))
+
+    def linear(x: str, prefix: str) -> str:
+        bias = [W(f"{prefix}.bias")] if c.bias else []
+        return b.op("Gemm", [x, W(f"{prefix}.weight"), *bias], transB=1)
+
+    def layer_norm(x: str, prefix: str) -> str:
+        bias = [W(f"{prefix}.bias")] if c.bias else []
+        return b.op("LayerNormalization", [x, W(f"{prefix}.weight"), *bias], axis=-1,
+                    epsilon=c.layer_norm_eps, stash_type=1)  # stash_type 1: statistics in fp32
+
+    def attention(q: str, k: str, v: str) -> str:
+        if graph == "fused":
+            attrs = {"softmax_precision": TensorProto.FLOAT} if dtype == "float16" else {}
+            return b.op("Attention", [q, k, v, keep], scale=1.0 / math.sqrt(D), **attrs)
+        kt = b.op("Transpose", [k], perm=[0, 1, 3, 2])
+        scores = b.op("Mul", [b.op("MatMul", [q, kt]), b.const("scale", np.array(1 / math.sqrt(D), np_dtype))])
+        if dtype == "float16":  # softmax in fp32
+            scores = b.op("Cast", [scores], to=TensorProto.FLOAT)
+        neg = b.const("masked_score", np.array(np.finfo(np.float32).min, np.float32))
+        probs = b.op("Softmax", [b.op("Where", [keep, scores, neg])], axis=-1)
+        if dtype == "float16":
+            probs = b.op("Cast", [probs], to=onnx_dtype)
+        return b.op("MatMul", [probs, v])
+
+    def gelu(x: str) -> str:
+        if graph == "fused":
+            return b.op("Gelu", [x], approximate="tanh" if c.gelu == "tanh" else "none")
+        k = lambda name, v: b.const(f"gelu_{name}", np.array(v, np_dtype))  # noqa: E731
+        if c.gelu == "erf":
+            inner = b.op("Erf", [b.op("Mul", [x, k("rsqrt2", 1 / math.sqrt(2))])])
+        else:
+            x3 = b.op("Mul", [b.op("Mul", [x, x]), x])
+            arg = b.op("Add", [x, b.op("Mul", [x3, k("c", 0.044715)])])
+            inner = b.op("Tanh", [b.op("Mul", [arg, k("s", math.sqrt(2 / math.pi))])])
+        return b.op("Mul", [b.op("Mul", [x, k("half", 0.5)]), b.op("Add", [inner, k("one", 1.0)])])
+
+    # ---- embeddings -> residual stream x [B*S, C]
+    wte = W("transformer.wte.weight")
+    wpe = W("transformer.wpe.weight")
+    emb = b.op("Add", [b.op("Gather", [wte, "input_ids"]), b.op("Gather", [wpe, "position_ids"])])
+    x = b.op("Reshape", [emb, rows_shape])
+    for i in range(c.n_layer):
+        p = f"transformer.h.{i}"
+        qkv = linear(layer_norm(x, f"{p}.ln_1"), f"{p}.attn.c_attn")
+        q, k, v = (b.op("Transpose", [b.op("Reshape", [t, heads_shape])], perm=[0, 2, 1, 3])
+                   for t in b.op("Split", [qkv, split_sizes], n_out=3, axis=1))
+        k = b.op("Concat", [f"past_key_values.{i}.key", k], axis=2, out=[f"present.{i}.key"])
+        v = b.op("Concat", [f"past_key_values.{i}.value", v], axis=2, out=[f"present.{i}.value"])
+        y = b.op("Reshape", [b.op("Transpose", [attention(q, k, v)], perm=[0, 2, 1, 3]), rows_shape])
+        x = b.op("Add", [x, linear(y, f"{p}.attn.c_proj")])
+        h = gelu(linear(layer_norm(x, f"{p}.ln_2"), f"{p}.mlp.c_fc"))
+        x = b.op("Add", [x, linear(h, f"{p}.mlp.c_proj")])
+
+    # ---- head: tied lm_head = Gemm with wte (transB) -> logits float32
+    if all_logits:
+        h = layer_norm(x, "transformer.ln_f")
+        logits = b.op("Gemm", [h, wte], transB=1)
+        out_shape = b.op("Concat", [batch, seq, b.const("vocab", np.array([c.vocab_size], np.int64))], axis=0)
+        logits = b.op("Reshape", [logits, out_shape])
+    else:
+        bsc = b.op("Concat", [batch, seq, b.const("embd", np.array([c.n_embd], np.int64))], axis=0)
+        last = b.op("Slice", [b.op("Reshape", [x, bsc]), b.const("minus1", np.array([-1], np.int64)),
+                              b.const("int64max", np.array([INT64_MAX], np.int64)),
+                              b.const("axis1b", np.array([1], np.int64))])  # [B, 1, C]
+        h = layer_norm(b.op("Reshape", [last, rows_shape]), "transformer.ln_f")
+        logits = b.op("Unsqueeze", [b.op("Gemm", [h, wte], transB=1), b.const("axis1c", np.array([1], np.int64))])
+    if dtype == "float16":
+        logits = b.op("Cast", [logits], to=TensorProto.FLOAT)
+    b.nodes[-1].output[0] = "logits"  # the last node made the logits: give its output the contract name
+
+    # ---- interface
+    kv_in = ["batch", H, "past", D]
+    kv_out = ["batch", H, "total", D]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch", "seq" if all_logits else 1, c.vocab_size])]
+    for i in range(c.n_layer):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", onnx_dtype, kv_in))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", onnx_dtype, kv_out))
+    g = helper.make_graph(b.nodes, f"gpt_{graph}", inputs, outputs, b.initializers,
+                          doc_string="GPT-2 with explicit KV cache; total = past + seq")
+    opsets = [helper.make_opsetid("", opset)]
+    # the oldest IR version that allows this opset, so older parsers read it (opset 23 -> IR 11)
+    return helper.make_model(g, opset_imports=opsets, producer_name="gptdeploy",
+                             ir_version=helper.find_min_ir_version_for(opsets))
+
+
+def node_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
