@@ -1,0 +1,108 @@
+"""Micro-benchmarks of the plugin kernels against PyTorch (GPU only).
+
+    python -m benchmarks.kernels [--dtype float16|float32] [--head-dim 64] [--n-head 12] [--json FILE]
+
+- prefill: Triton kv_attention (cache write + flash attention) vs torch: cache slice assignment +
+  F.scaled_dot_product_attention with the same boolean mask
+- decode: one token against a past of P positions, same pair
+- gelu: Triton bias_gelu vs F.gelu(x + bias)
+Times are medians from triton.testing.do_bench (ms); correctness is in tests/test_kernels_gpu.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from model.errors import ModelError, run_cli
+
+
+def _attention_cases() -> list[tuple[str, int, int, int]]:
+    cases = [("prefill", b, s, 0) for b in (1, 8) for s in (128, 512, 1024)]
+    cases += [("decode", b, 1, p) for b in (1, 8, 32) for p in (128, 512, 1023)]
+    return cases
+
+
+def _attention_pair(B: int, n_head: int, S: int, P: int, head_dim: int, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    from export.plugins import kernels
+    from model.gpt import attention_keep_mask
+
+    dev = "cuda"
+    M = max(1024, P + S)
+    q, k, v = (torch.randn(B, n_head, S, head_dim, device=dev, dtype=dtype) for _ in range(3))
+    kc = torch.zeros(B, n_head, M, head_dim, device=dev, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    mask = torch.ones(B, P + S, dtype=torch.int32, device=dev)
+    keep = attention_keep_mask(mask, S, P + S, torch.device(dev))
+
+    def triton_step():
+        kernels.kv_attention(q, k, v, mask, kc, vc)
+
+    def torch_step():
+        kc[:, :, P:P + S] = k
+        vc[:, :, P:P + S] = v
+        F.scaled_dot_product_attention(q, kc[:, :, :P + S], vc[:, :, :P + S], attn_mask=keep)
+
+    return triton_step, torch_step
+
+
+def bench(dtype_name: str, n_head: int, head_dim: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from export.plugins import kernels
+
+    dtype = {"float16": torch.float16, "float32": torch.float32}[dtype_name]
+    dev = "cuda"
+    rows = []
+    for phase, B, S, P in _attention_cases():
+        triton_step, torch_step = _attention_pair(B, n_head, S, P, head_dim, dtype)
+        t_triton, t_torch = do_bench(triton_step), do_bench(torch_step)
+        rows.append(dict(kernel=f"attention-{phase}", dtype=dtype_name, batch=B, seq=S, past=P, n_head=n_head,
+                         head_dim=head_dim, triton_ms=t_triton, torch_ms=t_torch, speedup=t_torch / t_triton))
+    width = 4 * n_head * head_dim
+    for tokens in (1, 8, 512, 4096):
+        x = torch.randn(tokens, width, device=dev, dtype=dtype)
+        b = torch.randn(width, device=dev, dtype=dtype)
+        for approx in ("tanh", "none"):
+            t_triton = do_bench(lambda x=x, b=b, a=approx: kernels.bias_gelu(x, b, a))
+            t_torch = do_bench(lambda x=x, b=b, a=approx: F.gelu(x + b, approximate=a))
+            rows.append(dict(kernel=f"bias_gelu-{approx}", dtype=dtype_name, tokens=tokens, width=width,
+                             triton_ms=t_triton, torch_ms=t_torch, speedup=t_torch / t_triton))
+    return rows
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one-line error through run_cli
+        raise ModelError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--json", help="also write the rows to this file")
+    a = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ModelError(f"benchmarks.kernels needs an NVIDIA GPU (torch {torch.__version__} sees none)")
+    rows = bench(a.dtype, a.n_head, a.head_dim)
+    print(f"{torch.cuda.get_device_name()}  {a.dtype}  n_head {a.n_head}  head_dim {a.head_dim}")
+    for r in rows:
+        shape = (f"B{r['batch']} S{r['seq']} P{r['past']}" if "batch" in r else f"{r['tokens']}x{r['width']}")
+        print(f"{r['kernel']:<20} {shape:<18} triton {r['triton_ms'] * 1e3:9.1f} us   "
+              f"torch {r['torch_ms'] * 1e3:9.1f} us   x{r['speedup']:.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,361 @@
+"""Triton kernels behind the TensorRT plugins: attention over an in-place KV cache, and bias + GELU.
+
+Every kernel takes its arguments in the order TensorRT's AOT plugins launch them (input pointers,
+then int32 scalars, then output pointers) so the same kernel runs from PyTorch (the launchers
+below, and TRITON_INTERPRET=1 on CPU) and from an engine (export/plugins/register.py).
+All tensors are contiguous; offsets are computed from the shapes, not from strides.
+
+Attention semantics (export/plugins/reference.py is the plain PyTorch statement of them):
+q, k, v [batch, n_head, seq, head_dim] are this step's projections; the caches
+[batch, n_head, max_seq, head_dim] hold every earlier position; attention_mask [batch, kv_len]
+(int32, 1 = real token, 0 = left padding) gives kv_len = past + seq. The kernel writes k, v into
+the caches at past..kv_len-1 and attends query i (absolute position past + i) to keys 0..past+i,
+bottom-right causal, skipping padded keys but always keeping a query's own key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):
+    """Fold one block of scores s [M, N] (log2 domain, -inf where masked) and values v [N, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp2 finite
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
+def kv_attention_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, k_cache_in_ptr, v_cache_in_ptr,
+    n_head, seq_len, kv_len, max_seq,
+    out_ptr, k_cache_ptr, v_cache_ptr,
+    HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Flash-attention style: grid (cdiv(seq_len, BLOCK_M), batch * n_head).
+
+    Past keys come from the cache (positions < past, written by earlier launches); this step's keys
+    come straight from k/v, so no program reads a cache row another program of this launch writes.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_head
+    past = kv_len - seq_len
+    scale = QK_SCALE
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < seq_len
+    new_base = pid_bh * seq_len * HEAD_DIM
+    cache_base = pid_bh * max_seq * HEAD_DIM
+    mask_base = b * kv_len
+
+    rows = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    rows_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + new_base + rows, mask=rows_ok, other=0.0)
+    # in-place cache update: this program's query rows are also the key rows it owns
+    cache_rows = (past + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(k_cache_ptr + cache_base + cache_rows, tl.load(k_ptr + new_base + rows, mask=rows_ok), mask=rows_ok)
+    tl.store(v_cache_ptr + cache_base + cache_rows, tl.load(v_ptr + new_base + rows, mask=rows_ok), mask=rows_ok)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # past keys: every one precedes every query, so only padding masks them
+    for start in range(0, past, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < past
+        kv_rows = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_in_ptr + cache_base + kv_rows, mask=kv_ok, other=0.0)
+        v = tl.load(v_cache_in_ptr + cache_base + kv_rows, mask=kv_ok, other=0.0)
+        real = tl.load(mask_ptr + mask_base + offs_n, mask=n_ok, other=0) != 0
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        s = tl.where(real[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+
+    # this step's keys: bottom-right causal, padded keys skipped, own key always kept
+    hi = tl.minimum(seq_len, (pid_m + 1) * BLOCK_M)
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        kv_rows = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + new_base + kv_rows, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + new_base + kv_rows, mask=kv_ok, other=0.0)
+        real = tl.load(mask_ptr + mask_base + past + offs_n, mask=n_ok, other=0) != 0
+        causal = offs_n[None, :] <= offs_m[:, None]
+        own = offs_n[None, :] == offs_m[:, None]
+        keep = n_ok[None, :] & causal & (real[None, :] | own)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        s = tl.where(keep, s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past seq_len only; they are not stored
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + new_base + rows, out.to(out_ptr.dtype.element_ty), mask=rows_ok)
+
+
+@triton.jit
+def kv_attention_decode_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, k_cache_in_ptr, v_cache_in_ptr,
+    n_head, kv_len, max_seq,
+    out_ptr, k_cache_ptr, v_cache_ptr,
+    HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One new token per sequence: grid (batch * n_head,). A dot product per key, no tensor cores."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b = pid_bh // n_head
+    past = kv_len - 1
+    scale = QK_SCALE
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    new_base = pid_bh * HEAD_DIM
+    cache_base = pid_bh * max_seq * HEAD_DIM
+
+    q = tl.load(q_ptr + new_base + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    k_new = tl.load(k_ptr + new_base + offs_d, mask=d_ok, other=0.0)
+    v_new = tl.load(v_ptr + new_base + offs_d, mask=d_ok, other=0.0)
+    tl.store(k_cache_ptr + cache_base + past * HEAD_DIM + offs_d, k_new, mask=d_ok)
+    tl.store(v_cache_ptr + cache_base + past * HEAD_DIM + offs_d, v_new, mask=d_ok)
+
+    # start from the token's own key, which is always kept: the running max is finite from here on
+    m_i = tl.sum(q * k_new.to(tl.float32), 0) * scale
+    l_i = m_i * 0.0 + 1.0
+    acc = v_new.to(tl.float32)
+    for start in range(0, past, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < past
+        kv_rows = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_in_ptr + cache_base + kv_rows, mask=kv_ok, other=0.0).to(tl.float32)
+        v = tl.load(v_cache_in_ptr + cache_base + kv_rows, mask=kv_ok, other=0.0).to(tl.float32)
+        real = tl.load(mask_ptr + b * kv_len + offs_n, mask=n_ok, other=0) != 0
+        s = tl.sum(k * q[None, :], 1) * scale
+        s = tl.where(real, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.exp2(s - m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    tl.store(out_ptr + new_base + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh from exp (no libdevice, so it also runs under the interpreter); saturates to +-1 cleanly
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def bias_gelu_kernel(
+    x_ptr, bias_ptr,
+    n_cols,
+    y_ptr,
+    APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """y = gelu(x + bias) over rows of n_cols: grid (n_rows, cdiv(n_cols, BLOCK))."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+    x += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if APPROX_TANH:
+        y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    else:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# ---- block choices (shared by the launchers, the AOT compiler and the plugin tactics)
+
+@dataclass(frozen=True)
+class AttentionBlocks:
+    block_m: int = 64  # prefill only
+    block_n: int = 64
+    num_warps: int = 4
+
+
+# Tiles are kept under 48 KiB of shared memory for head_dim <= 128 (what a kernel may use without
+# the launcher opting in to more, which TensorRT's AOT launch is not documented to do); fp32 tiles
+# are smaller because exact fp32 dots (input_precision="ieee") run on FMA units, not tensor cores.
+_T = AttentionBlocks
+_PREFILL_TILES = {  # (dtype, head_dim > 64) -> tactic id -> tile
+    (torch.float16, False): {1: _T(64, 64, 4), 2: _T(32, 64, 4), 3: _T(16, 32, 2)},
+    (torch.float16, True): {1: _T(64, 32, 4), 2: _T(32, 32, 4), 3: _T(16, 32, 2)},
+    (torch.float32, False): {1: _T(32, 32, 4), 2: _T(16, 32, 2)},
+    (torch.float32, True): {1: _T(16, 16, 2)},
+}
+SHARED_MEMORY_LIMIT = 48 * 1024
+
+
+def prefill_tactics(dtype: torch.dtype, head_dim: int) -> dict[int, AttentionBlocks]:
+    return _PREFILL_TILES[(dtype, head_dim > 64)]
+
+
+DECODE_TACTICS = {1: _T(1, 64, 4), 2: _T(1, 128, 4)}
+GELU_TACTICS = {1: 1024, 2: 256}  # columns per program
+GELU_NUM_WARPS = 4
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
+
+
+# ---- PyTorch launchers (GPU, or CPU under TRITON_INTERPRET=1)
+
+def _check_attention(q, k, v, attention_mask, k_cache, v_cache) -> tuple[int, int, int, int, int, int]:
+    B, H, S, D = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (B, H) or k_cache.shape[3] != D:
+        raise ValueError(f"cache shape {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}")
+    M = k_cache.shape[2]
+    if attention_mask.shape[0] != B or attention_mask.dtype != torch.int32:
+        raise ValueError(f"attention_mask must be int32 [{B}, past + seq], got {attention_mask.dtype} "
+                         f"{tuple(attention_mask.shape)}")
+    L = attention_mask.shape[1]
+    if not S <= L <= M:
+        raise ValueError(f"attention_mask length {L} must be in [seq {S}, max_seq {M}]")
+    for t in (q, k, v, attention_mask, k_cache, v_cache):
+        if not t.is_contiguous():
+            raise ValueError("kv_attention needs contiguous tensors")
+    return B, H, S, D, L, M
+
+
+def kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: AttentionBlocks | None = None,
+                 force_prefill: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Write k, v into the caches in place and return attention [batch, n_head, seq, head_dim]."""
+    B, H, S, D, L, M = _check_attention(q, k, v, attention_mask, k_cache, v_cache)
+    out = torch.empty_like(q) if out is None else out
+    if S == 1 and not force_prefill:
+        blocks = blocks or DECODE_TACTICS[1]
+        kv_attention_decode_kernel[(B * H,)](
+            q, k, v, attention_mask, k_cache, v_cache, H, L, M, out, k_cache, v_cache,
+            HEAD_DIM=D, QK_SCALE=qk_scale(D), BLOCK_N=blocks.block_n, BLOCK_D=block_d(D), num_warps=blocks.num_warps)
+    else:
+        blocks = blocks or prefill_tactics(q.dtype, D)[1]
+        grid = (triton.cdiv(S, blocks.block_m), B * H)
+        kv_attention_prefill_kernel[grid](
+            q, k, v, attention_mask, k_cache, v_cache, H, S, L, M, out, k_cache, v_cache,
+            HEAD_DIM=D, QK_SCALE=qk_scale(D), BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=block_d(D),
+            num_warps=blocks.num_warps)
+    return out
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh", block: int | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu(x + bias) over the last axis; approximate "tanh" (GPT-2) or "none" (erf, nanoGPT)."""
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', not {approximate!r}")
+    n_cols = x.shape[-1]
+    if bias.shape != (n_cols,):
+        raise ValueError(f"bias shape {tuple(bias.shape)}, expected ({n_cols},)")
+    if not x.is_contiguous():
+        raise ValueError("bias_gelu needs a contiguous x")
+    y = torch.empty_like(x) if out is None else out
+    n_rows = x.numel() // n_cols
+    block = block or min(GELU_TACTICS[1], triton.next_power_of_2(n_cols))
+    if n_rows:
+        bias_gelu_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            x, bias, n_cols, y, APPROX_TANH=approximate == "tanh", BLOCK=block, num_warps=GELU_NUM_WARPS)
+    return y
+
+
+# ---- ahead-of-time compilation (no GPU needed: an explicit target)
+
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16"}
+
+
+def compile_kernel(kind: str, dtype: torch.dtype, *, head_dim: int = 64, tactic: int = 1,
+                   approximate: str = "tanh", target: tuple[int, int] | None = None):
+    """triton.compile one kernel for one dtype. kind: "prefill" | "decode" | "gelu".
+
+    target (compute capability, warp size), e.g. (90, 32); None = the GPU in this process.
+    Returns Triton's CompiledKernel: .asm["ptx"], .metadata.name, .metadata.num_warps, .metadata.shared.
+    """
+    t = TRITON_TYPES[dtype]
+    if kind == "prefill":
+        blocks = prefill_tactics(dtype, head_dim)[tactic]
+        fn = kv_attention_prefill_kernel
+        scalars = ["n_head", "seq_len", "kv_len", "max_seq"]
+        constexprs = dict(HEAD_DIM=head_dim, QK_SCALE=qk_scale(head_dim), BLOCK_M=blocks.block_m,
+                          BLOCK_N=blocks.block_n, BLOCK_D=block_d(head_dim))
+    elif kind == "decode":
+        blocks = DECODE_TACTICS[tactic]
+        fn = kv_attention_decode_kernel
+        scalars = ["n_head", "kv_len", "max_seq"]
+        constexprs = dict(HEAD_DIM=head_dim, QK_SCALE=qk_scale(head_dim), BLOCK_N=blocks.block_n,
+                          BLOCK_D=block_d(head_dim))
+    elif kind == "gelu":
+        fn = bias_gelu_kernel
+        signature = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "n_cols": "i32", "y_ptr": f"*{t}",
+                     "APPROX_TANH": "constexpr", "BLOCK": "constexpr"}
+        constexprs = dict(APPROX_TANH=approximate == "tanh", BLOCK=GELU_TACTICS[tactic])
+        return _compile(fn, signature, constexprs, GELU_NUM_WARPS, target)
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    signature = {name: f"*{t}" for name in ("q_ptr", "k_ptr", "v_ptr")}
+    signature["mask_ptr"] = "*i32"
+    signature |= {"k_cache_in_ptr": f"*{t}", "v_cache_in_ptr": f"*{t}"}
+    signature |= {name: "i32" for name in scalars}
+    signature |= {name: f"*{t}" for name in ("out_ptr", "k_cache_ptr", "v_cache_ptr")}
+    signature |= {name: "constexpr" for name in constexprs}
+    return _compile(fn, signature, constexprs, blocks.num_warps, target)
+
+
+KERNEL_ARGS = {"prefill": 6 + 4 + 3, "decode": 6 + 3 + 3, "gelu": 2 + 1 + 1}  # pointers and int32 scalars
+
+
+def ptx_for_tensorrt(ptx: str, kind: str) -> str:
+    """The PTX with exactly TensorRT's AOT arguments (inputs, int32 scalars, outputs).
+
+    Triton 3.x appends two pointer parameters (global and profile scratch) to every kernel; ours use
+    neither (scratch size 0, never loaded), and TensorRT launches with only the arguments it knows.
+    Dropping the unused declarations makes the launch match the kernel whatever TensorRT passes
+    after them. Raises if a dropped parameter is referenced.
+    """
+    entry = re.search(r"\.entry (\w+)\(\s*(.*?)\s*\)", ptx, re.S)
+    if entry is None:
+        raise ValueError("no .entry in the PTX")
+    params = [p.strip() for p in entry.group(2).split(",")]
+    keep = KERNEL_ARGS[kind]
+    for extra in params[keep:]:
+        name = extra.split()[-1]
+        if re.search(r"\[" + re.escape(name) + r"\]", ptx):
+            raise ValueError(f"{entry.group(1)} reads {name}: it cannot be dropped")
+    body = ",\n\t".join(params[:keep])
+    return ptx[:entry.start(2)] + body + ptx[entry.end(2):]
+
+
+def _compile(fn, signature: dict[str, str], constexprs: dict, num_warps: int, target: tuple[int, int] | None):
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    options = {"num_warps": num_warps}
+    if target is None:
+        return triton.compile(src, options=options)
+    return triton.compile(src, target=GPUTarget("cuda", target[0], target[1]), options=options)
+
+
+def qk_scale(head_dim: int) -> float:
+    """softmax(q.k / sqrt(d)) is computed as exp2(q.k * log2(e) / sqrt(d))."""
+    return LOG2E / math.sqrt(head_dim)

@@ -1,0 +1,282 @@
+"""Build a TensorRT engine from an export artifact.
+
+    python -m export.trt --onnx DIR [--plugins attention,gelu | --no-plugins] [--max-batch N]
+                         [--max-seq-len N] [--timing-cache FILE] [--tf32] [--graph-only]
+
+With plugins (the default) the artifact's fused ONNX is rewritten into the plugin graph
+(export/plugins/graph.py: static in-place KV cache, Triton kernels compiled ahead of time) and
+written beside it as model.plugins.onnx; --no-plugins parses the artifact's own graph (past/present
+I/O, TensorRT's native Attention/Gelu importers). Two optimization profiles: 0 = prefill, 1 = decode.
+The plan and a JSON manifest (TensorRT version, GPU, profiles, plugins, source ONNX sha256) are
+written beside the ONNX as trt_plugins.plan/.json or trt_native.plan/.json.
+--graph-only writes the plugin graph and stops (needs neither TensorRT nor a GPU).
+
+Written against TensorRT's documented Python API for 10.14+ and 11.x (strongly typed networks:
+precision comes from the ONNX types; builder flags are looked up by name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from model.errors import ModelError, run_cli
+
+PLUGIN_GRAPH_FILE = "model.plugins.onnx"
+PLUGIN_GRAPH_DATA = "model.plugins.onnx.data"
+PREFILL, DECODE = 0, 1
+PROFILE_NAMES = ("prefill", "decode")
+
+
+def engine_files(variant: str) -> tuple[str, str]:
+    """(plan, manifest) file names for variant "plugins" or "native"."""
+    return f"trt_{variant}.plan", f"trt_{variant}.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
+    from export.plugins.graph import OPTION_NAMES
+
+    if no_plugins:
+        if spec:
+            raise ModelError("--plugins and --no-plugins exclude each other")
+        return ()
+    names = tuple(dict.fromkeys(p.strip() for p in (spec or "attention,gelu").split(",") if p.strip()))
+    bad = [n for n in names if n not in OPTION_NAMES]
+    if bad or not names:
+        raise ModelError(f"--plugins {spec!r}: choose from {', '.join(OPTION_NAMES)} (comma-separated)")
+    return names
+
+
+def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...], aot: bool = True) -> Path:
+    """Rewrite the artifact's model.onnx into the plugin graph, written atomically beside it."""
+    import onnx
+
+    from export.artifact import MODEL_FILE, read_artifact
+    from export.plugins.graph import GraphPassError, to_plugin_graph
+
+    art = read_artifact(artifact_dir, verify=True)
+    if art.export.get("graph") != "fused":
+        raise ModelError(f"{artifact_dir}: plugins need the fused export (this one is "
+                         f"{art.export.get('graph')!r}; re-export with --opset 23, or pass --no-plugins)")
+    model = onnx.load(str(artifact_dir / MODEL_FILE), load_external_data=True)
+    try:
+        plugin_graph = to_plugin_graph(model, plugins, aot=aot)
+    except GraphPassError as e:
+        raise ModelError(f"{artifact_dir / MODEL_FILE}: {e}") from None
+    del model
+    out = artifact_dir / PLUGIN_GRAPH_FILE
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".plugins.tmp-", dir=artifact_dir))
+    try:
+        external = bool(art.export.get("external_data"))
+        onnx.save_model(plugin_graph, str(tmp_dir / PLUGIN_GRAPH_FILE), save_as_external_data=external,
+                        all_tensors_to_one_file=True, location=PLUGIN_GRAPH_DATA, size_threshold=1024)
+        if external:
+            os.replace(tmp_dir / PLUGIN_GRAPH_DATA, artifact_dir / PLUGIN_GRAPH_DATA)
+        os.replace(tmp_dir / PLUGIN_GRAPH_FILE, out)
+    finally:
+        for f in tmp_dir.iterdir():
+            f.unlink()
+        tmp_dir.rmdir()
+    return out
+
+
+def profile_shapes(config: Any, plugin_attention: bool, max_batch: int, max_seq_len: int
+                   ) -> list[dict[str, list[tuple[int, ...]]]]:
+    """[prefill, decode] profiles: input name -> [min, opt, max] shapes."""
+    H, D, M, B = config.n_head, config.head_dim, max_seq_len, max_batch
+    opt_seq = max(1, min(M, 128))
+
+    def tokens(lo_s: int, opt_s: int, hi_s: int) -> list[tuple[int, ...]]:
+        return [(1, lo_s), (B, opt_s), (B, hi_s)]
+
+    profiles = []
+    for phase in (PREFILL, DECODE):
+        seq = tokens(1, opt_seq, M) if phase == PREFILL else tokens(1, 1, 1)
+        total = tokens(1, opt_seq, M) if phase == PREFILL else tokens(1, opt_seq, M)
+        shapes = {"input_ids": seq, "attention_mask": total, "position_ids": seq}
+        for i in range(config.n_layer):
+            for kind in ("key", "value"):
+                if plugin_attention:  # the static cache: only the batch varies
+                    shapes[f"cache.{i}.{kind}"] = [(1, H, M, D), (B, H, M, D), (B, H, M, D)]
+                elif phase == PREFILL:  # zero-length past: legal in a profile
+                    shapes[f"past_key_values.{i}.{kind}"] = [(1, H, 0, D), (B, H, 0, D), (B, H, 0, D)]
+                else:
+                    shapes[f"past_key_values.{i}.{kind}"] = [(1, H, 1, D), (B, H, opt_seq - 1 or 1, D),
+                                                            (B, H, M - 1, D)]
+        profiles.append(shapes)
+    return profiles
+
+
+def require_tensorrt_and_gpu():
+    """Import tensorrt and check for a visible NVIDIA GPU; a one-line ModelError otherwise."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise ModelError("TensorRT is not installed (pip install tensorrt; needs an NVIDIA GPU and driver)") from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ModelError(f"no NVIDIA GPU visible to PyTorch (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'no'}); engines are built on the GPU they run on")
+    return trt
+
+
+def gpu_identity() -> dict[str, Any]:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("attention", "gelu"), *,
+                 max_batch: int = 8, max_seq_len: int | None = None, timing_cache: str | os.PathLike | None = None,
+                 tf32: bool = False, log=print) -> Path:
+    """Build and write the plan + manifest; returns the manifest path."""
+    from export.artifact import MODEL_FILE, read_artifact
+
+    artifact_dir = Path(artifact_dir)
+    art = read_artifact(artifact_dir, verify=True)
+    limit = int(art.export.get("max_seq_len", art.config.block_size))
+    max_seq_len = limit if max_seq_len is None else max_seq_len
+    if not 2 <= max_seq_len <= limit:
+        raise ModelError(f"--max-seq-len {max_seq_len} is out of range (2..{limit}, the artifact's max_seq_len)")
+    if not 1 <= max_batch <= 4096:
+        raise ModelError(f"--max-batch {max_batch} is out of range (1..4096)")
+    trt = require_tensorrt_and_gpu()
+    t0 = time.perf_counter()
+    variant = "plugins" if plugins else "native"
+    if plugins:
+        import export.plugins.register  # noqa: F401 - registers the plugin creators before parsing
+
+        onnx_path = write_plugin_graph(artifact_dir, plugins)
+        log(f"[graph] {onnx_path.name}: plugins {', '.join(plugins)}")
+    else:
+        onnx_path = artifact_dir / MODEL_FILE
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # required on 10.x, the only mode on 11.x
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ModelError(f"TensorRT's ONNX parser rejected {onnx_path.name}: " + " | ".join(errors)[:400])
+
+    config = builder.create_builder_config()
+    if "attention" in plugins:  # the cache outputs are aliased to the cache inputs
+        config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):  # fp32 GEMMs exact, for the 1e-4 parity bound
+        config.clear_flag(trt.BuilderFlag.TF32)
+    cache = None
+    if timing_cache is not None:
+        timing_cache = Path(timing_cache)
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    shapes = profile_shapes(art.config, "attention" in plugins, max_batch, max_seq_len)
+    input_names = {network.get_input(i).name for i in range(network.num_inputs)}
+    for phase_shapes in shapes:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in phase_shapes.items():
+            if name not in input_names:
+                raise ModelError(f"{onnx_path.name} has no input {name!r} (inputs: {sorted(input_names)})")
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+
+    log(f"[build] {variant} engine: max batch {max_batch}, max seq {max_seq_len}, TensorRT {trt.__version__}")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ModelError("TensorRT failed to build the engine (see the TensorRT log above)")
+    plan_name, manifest_name = engine_files(variant)
+    _atomic_write(artifact_dir / plan_name, bytes(plan))
+    if cache is not None:
+        _atomic_write(timing_cache, bytes(cache.serialize()))
+    manifest = {
+        "tensorrt": trt.__version__,
+        "gpu": gpu_identity(),
+        "variant": variant,
+        "plugins": list(plugins),
+        "kv_cache": "static" if "attention" in plugins else "past_present",
+        "plugin_ids": [f"gptdeploy::{n}" for n in _plugin_op_names(plugins)],
+        "onnx": {"file": onnx_path.name, "sha256": _sha256(onnx_path)},
+        "source_onnx": {"file": MODEL_FILE, "sha256": art.files[MODEL_FILE]},
+        "plan": {"file": plan_name, "sha256": _sha256(artifact_dir / plan_name)},
+        "dtype": art.export.get("dtype", "float32"),
+        "logits": art.export.get("logits", "last"),
+        "max_batch": max_batch,
+        "max_seq_len": max_seq_len,
+        "tf32": tf32,
+        "profiles": [{"index": k, "name": PROFILE_NAMES[k],
+                      "shapes": {n: [list(s) for s in v] for n, v in p.items()}} for k, p in enumerate(shapes)],
+        "build_seconds": round(time.perf_counter() - t0, 1),
+    }
+    _atomic_write(artifact_dir / manifest_name, (json.dumps(manifest, indent=1) + "\n").encode())
+    log(f"[write] {plan_name} ({(artifact_dir / plan_name).stat().st_size / 1e6:.1f} MB), {manifest_name} "
+        f"in {manifest['build_seconds']}s")
+    return artifact_dir / manifest_name
+
+
+def _plugin_op_names(plugins: tuple[str, ...]) -> list[str]:
+    from export.plugins.graph import OPTION_NAMES
+
+    return [OPTION_NAMES[p] for p in plugins]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one-line error through run_cli
+        raise ModelError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="python -m export.trt", description=__doc__.split("\n\n")[0])
+    p.add_argument("--onnx", required=True, metavar="DIR", help="export artifact folder (python -m export.onnx)")
+    p.add_argument("--plugins", help="comma-separated: attention,gelu (default: both)")
+    p.add_argument("--no-plugins", action="store_true", help="parse the artifact's graph with native importers")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch of the profiles (default 8)")
+    p.add_argument("--max-seq-len", type=int, help="longest past+seq (default: the artifact's max_seq_len)")
+    p.add_argument("--timing-cache", help="timing cache file to read and update (speeds up rebuilds)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 GEMMs (faster, ~1e-3 logits error)")
+    p.add_argument("--graph-only", action="store_true", help="write model.plugins.onnx and stop (no TensorRT needed)")
+    a = p.parse_args(argv)
+    plugins = parse_plugins(a.plugins, a.no_plugins)
+    artifact_dir = Path(a.onnx)
+    if a.graph_only:
+        if not plugins:
+            raise ModelError("--graph-only writes the plugin graph: it cannot go with --no-plugins")
+        out = write_plugin_graph(artifact_dir, plugins)
+        print(f"wrote {out}")
+        return 0
+    build_engine(artifact_dir, plugins, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
+                 timing_cache=a.timing_cache, tf32=a.tf32, log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,173 @@
+"""TensorRT backend: runs an engine built by `python -m export.trt` behind the Backend protocol.
+
+Everything lives on the GPU as torch CUDA tensors allocated once per reset(): input staging
+buffers, the logits buffer and the KV cache. Two execution contexts share the engine, one per
+optimization profile (0 = prefill, 1 = decode), so no profile switch happens between steps.
+
+- plugin engine: the cache is static, [batch, n_head, max_seq, head_dim] per layer; cache.{i}.*
+  and its aliased output cache_out.{i}.* are bound to the same address and the attention plugin
+  writes each step's keys/values in place.
+- native engine: past/present as in the ONNX export; two flat buffers per layer and kind, present
+  written straight into the other buffer, which becomes the next step's past (no copies). A zero-length
+  past (prefill) still gets a real, non-null address.
+
+The manifest written with the plan must name this process's TensorRT version and GPU, else the
+engine is refused with a one-line error. Written against the documented API; not run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from model.errors import ModelError
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, artifact_dir: str | os.PathLike, variant: str | None = None) -> None:
+        from export.artifact import read_artifact
+        from export.trt import DECODE, PREFILL, _sha256, engine_files, gpu_identity, require_tensorrt_and_gpu
+
+        trt = require_tensorrt_and_gpu()
+        self.artifact_dir = Path(artifact_dir)
+        art = read_artifact(self.artifact_dir, verify=True)
+        self.config, self.tokenizer = art.config, art.tokenizer
+        manifest_path = self._find_manifest(variant, engine_files)
+        manifest = json.loads(manifest_path.read_text())
+        gpu = gpu_identity()
+        if manifest["tensorrt"] != trt.__version__:
+            raise ModelError(f"{manifest_path.name}: engine built with TensorRT {manifest['tensorrt']}, this is "
+                             f"{trt.__version__}; rebuild with python -m export.trt")
+        if manifest["gpu"] != gpu:
+            raise ModelError(f"{manifest_path.name}: engine built for {manifest['gpu']['name']} "
+                             f"(sm {manifest['gpu']['compute_capability']}), this GPU is {gpu['name']} "
+                             f"(sm {gpu['compute_capability']}); rebuild with python -m export.trt")
+        plan_path = self.artifact_dir / manifest["plan"]["file"]
+        if not plan_path.is_file() or _sha256(plan_path) != manifest["plan"]["sha256"]:
+            raise ModelError(f"{plan_path}: missing or does not match its manifest; rebuild with python -m export.trt")
+        if manifest["plugins"]:
+            import export.plugins.register  # noqa: F401 - AOT kernels are in the plan; JIT (aot=0) nodes need this
+
+        self.manifest = manifest
+        self.variant = manifest["variant"]
+        self.static_cache = manifest["kv_cache"] == "static"  # attention plugin: in-place cache
+        self.device = torch.device("cuda")
+        self.dtype = TORCH_DTYPES[manifest["dtype"]]
+        self.max_seq_len = int(manifest["max_seq_len"])
+        self.max_batch = int(manifest["max_batch"])
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise ModelError(f"{plan_path}: TensorRT could not deserialize the engine")
+        self.stream = torch.cuda.Stream()
+        self.contexts = {}
+        for phase in (PREFILL, DECODE):
+            ctx = self.engine.create_execution_context()
+            if not ctx.set_optimization_profile_async(phase, self.stream.cuda_stream):
+                raise ModelError(f"{plan_path}: engine has no optimization profile {phase}")
+            self.contexts[phase] = ctx
+        self._prefill, self._decode = PREFILL, DECODE
+        self.batch = 0
+        self.cache_len = 0
+
+    def _find_manifest(self, variant: str | None, engine_files) -> Path:
+        variants = [variant] if variant else ["plugins", "native"]
+        for v in variants:
+            path = self.artifact_dir / engine_files(v)[1]
+            if path.is_file():
+                return path
+        wanted = " or ".join(engine_files(v)[1] for v in variants)
+        raise ModelError(f"{self.artifact_dir}: no TensorRT engine ({wanted}); "
+                         f"build one with python -m export.trt --onnx {self.artifact_dir}")
+
+    def reset(self, batch_size: int, max_seq_len: int) -> None:
+        if not 1 <= batch_size <= self.max_batch:
+            raise ValueError(f"batch {batch_size} is outside the engine's 1..{self.max_batch}")
+        if max_seq_len > self.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the engine's {self.max_seq_len}")
+        c, B, M = self.config, batch_size, self.max_seq_len
+        with torch.cuda.stream(self.stream):
+            if B != self.batch:
+                self._ids = torch.zeros(B * M, dtype=torch.int64, device=self.device)
+                self._mask = torch.zeros(B * M, dtype=torch.int64, device=self.device)
+                self._pos = torch.zeros(B * M, dtype=torch.int64, device=self.device)
+                rows = M if self.manifest["logits"] == "all" else 1
+                self._logits = torch.empty(B * rows * c.vocab_size, dtype=torch.float32, device=self.device)
+                if self.static_cache:  # zeroed once; stale rows past cache_len are never read
+                    shape = (B, c.n_head, M, c.head_dim)
+                    self._cache = {f"cache.{i}.{kind}": torch.zeros(shape, dtype=self.dtype, device=self.device)
+                                   for i in range(c.n_layer) for kind in ("key", "value")}
+                else:  # ping-pong: [which][name] flat buffers of capacity B*H*M*D
+                    n = B * c.n_head * M * c.head_dim
+                    self._kv = [{f"{i}.{kind}": torch.zeros(n, dtype=self.dtype, device=self.device)
+                                 for i in range(c.n_layer) for kind in ("key", "value")} for _ in range(2)]
+                self.batch = B
+        self._current = 0
+        self.cache_len = 0
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        if self.cache_len:
+            raise RuntimeError("prefill after decode: call reset() first")
+        return self._run(self._prefill, input_ids, attention_mask, position_ids)
+
+    def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         position_ids: torch.Tensor) -> torch.Tensor:
+        return self._run(self._decode, input_ids, attention_mask, position_ids)
+
+    def _run(self, phase: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             position_ids: torch.Tensor) -> torch.Tensor:
+        B, S = input_ids.shape
+        P, c = self.cache_len, self.config
+        if B != self.batch or P + S > self.max_seq_len:
+            raise RuntimeError(f"engine buffers hold batch {self.batch} x {self.max_seq_len} positions; got batch {B} "
+                               f"up to {P + S}: call reset() with the right sizes")
+        if attention_mask.shape != (B, P + S):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected {(B, P + S)}")
+        ctx = self.contexts[phase]
+        with torch.cuda.stream(self.stream):
+            ids = self._ids[:B * S].view(B, S)
+            mask = self._mask[:B * (P + S)].view(B, P + S)
+            pos = self._pos[:B * S].view(B, S)
+            ids.copy_(input_ids, non_blocking=True)
+            mask.copy_(attention_mask, non_blocking=True)
+            pos.copy_(position_ids, non_blocking=True)
+            for name, t in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
+                ctx.set_input_shape(name, tuple(t.shape))
+                ctx.set_tensor_address(name, t.data_ptr())
+            if self.static_cache:
+                for name, t in self._cache.items():
+                    ctx.set_input_shape(name, tuple(t.shape))
+                    ctx.set_tensor_address(name, t.data_ptr())
+                    ctx.set_tensor_address(name.replace("cache.", "cache_out.", 1), t.data_ptr())  # aliased
+            else:
+                past, present = self._kv[self._current], self._kv[1 - self._current]
+                for key, buf in past.items():
+                    ctx.set_input_shape(f"past_key_values.{key}", (B, c.n_head, P, c.head_dim))
+                    ctx.set_tensor_address(f"past_key_values.{key}", buf.data_ptr())
+                    ctx.set_tensor_address(f"present.{key}", present[key].data_ptr())
+            logits_shape = tuple(ctx.get_tensor_shape("logits"))
+            logits = self._logits[:_numel(logits_shape)].view(logits_shape)
+            ctx.set_tensor_address("logits", logits.data_ptr())
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        self.stream.synchronize()
+        if not self.static_cache:
+            self._current = 1 - self._current
+        self.cache_len = P + S
+        return logits[:, -1, :].clone()  # the buffer is reused by the next step
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,100 @@
+"""Ahead-of-time compilation of every plugin kernel to PTX for sm_80 and sm_90, without a GPU.
+
+This is what TensorRT's @trtp.aot_impl embeds in an engine. It runs in a subprocess because the
+interpreter tests set TRITON_INTERPRET=1, which turns @triton.jit kernels into Python functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MEMORY_LIMIT = 48 * 1024  # export/plugins/kernels.py keeps every tile under it
+
+COMPILE_ALL = r"""
+import json, pathlib, re, subprocess, sys, tempfile, torch
+import triton.backends.nvidia as nv
+from export.plugins import kernels as K
+BIN = pathlib.Path(nv.__file__).parent / "bin"
+PTXAS = BIN / "ptxas-blackwell" if (BIN / "ptxas-blackwell").exists() else BIN / "ptxas"  # the newer of the two
+tmp = pathlib.Path(tempfile.mkdtemp())
+def assembles(ptx, arch):  # the PTX handed to TensorRT, checked by NVIDIA's assembler
+    src = tmp / "k.ptx"
+    src.write_text(ptx)
+    p = subprocess.run([str(PTXAS), f"-arch={arch}", str(src), "-o", str(tmp / "k.cubin")], capture_output=True)
+    return p.returncode == 0
+rows = []
+for cc in (80, 90):
+    for dtype in (torch.float16, torch.float32):
+        for kind, head_dims in (("prefill", (64, 128)), ("decode", (64, 128)), ("gelu", (None,))):
+            for hd in head_dims:
+                tactics = (K.prefill_tactics(dtype, hd) if kind == "prefill" else
+                           K.DECODE_TACTICS if kind == "decode" else K.GELU_TACTICS)
+                for tactic in tactics:
+                    if kind != "gelu" and tactic > 1 and cc == 90:
+                        continue  # every tile on sm_80, the default tile on sm_90: keeps the test short
+                    c = K.compile_kernel(kind, dtype, head_dim=hd or 64, tactic=tactic, target=(cc, 32))
+                    ptx = c.asm["ptx"]
+                    trt_ptx = K.ptx_for_tensorrt(ptx, kind)
+                    arch = re.search(r"\.target (\w+)", ptx).group(1)
+                    rows.append(dict(trt_params=len(re.findall(r"^\s*\.param ", trt_ptx, re.M)),
+                                     trt_assembles=assembles(trt_ptx, arch) if tactic == 1 else None,
+                                     ptx_version=re.search(r"\.version (\S+)", ptx).group(1),
+                                     cc=cc, dtype=str(dtype), kind=kind, head_dim=hd, tactic=tactic,
+                                     name=c.metadata.name, target=re.search(r"\.target (\w+)", ptx).group(1),
+                                     entry=f".entry {c.metadata.name}(" in ptx, num_warps=c.metadata.num_warps,
+                                     shared=c.metadata.shared, global_scratch=c.metadata.global_scratch_size,
+                                     profile_scratch=getattr(c.metadata, "profile_scratch_size", 0),
+                                     n_params=len(re.findall(r"^\s*\.param ", ptx, re.M)), mma="mma" in ptx))
+json.dump(rows, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", COMPILE_ALL], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+# kernel parameters in TensorRT's AOT order (inputs, int32 scalars, outputs), plus the two scratch
+# pointers Triton 3.x appends to every kernel
+EXPECTED_PARAMS = {"prefill": 6 + 4 + 3 + 2, "decode": 6 + 3 + 3 + 2, "gelu": 2 + 1 + 1 + 2}
+
+
+def test_ptx_for_sm80_and_sm90(compiled):
+    targets = {(r["cc"], r["target"]) for r in compiled}
+    assert targets == {(80, "sm_80"), (90, "sm_90a")}
+    for r in compiled:
+        assert r["entry"], r
+        assert r["n_params"] == EXPECTED_PARAMS[r["kind"]], r
+
+
+def test_tensorrt_ptx_has_exactly_the_aot_arguments(compiled):
+    """kernels.ptx_for_tensorrt drops Triton's two unused scratch pointers; ptxas still accepts it."""
+    for r in compiled:
+        assert r["trt_params"] == EXPECTED_PARAMS[r["kind"]] - 2, r
+        assert r["trt_assembles"] in (True, None), r
+    assert sum(r["trt_assembles"] is True for r in compiled) >= 10
+
+
+def test_kernels_fit_a_plain_launch(compiled):
+    """No scratch buffers (TensorRT passes none) and shared memory under the opt-in threshold."""
+    for r in compiled:
+        assert r["global_scratch"] == 0 and r["profile_scratch"] == 0, r
+        assert r["shared"] <= SHARED_MEMORY_LIMIT, r
+        assert r["num_warps"] in (2, 4), r
+
+
+def test_fp16_prefill_uses_tensor_cores(compiled):
+    fp16_prefill = [r for r in compiled if r["kind"] == "prefill" and r["dtype"] == "torch.float16"]
+    assert fp16_prefill and all(r["mma"] for r in fp16_prefill)
