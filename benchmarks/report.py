@@ -1,0 +1,257 @@
+"""Derived figures (share of the bandwidth limit and GEMM peak, speedups, targets), the Markdown
+tables, the PNG plot and atomic writes."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.roofline import (
+    decode_flops_per_token,
+    mean_decode_context,
+    param_count,
+    prefill_flops,
+    weight_bytes_per_token,
+)
+
+LABELS = {"torch": "torch (reference)", "transformers": "transformers generate", "ort-fused": "onnxruntime fused",
+          "ort-decomposed": "onnxruntime decomposed", "tensorrt": "tensorrt"}
+TARGET_BACKENDS = ("ort-fused", "ort-decomposed")  # the issue's targets are for onnxruntime fp32
+BUSY_OTHER_CPU_SHARE = 0.10  # other processes using more of the CPUs than this during the run flag it as noisy
+TARGETS = (  # (key, description, required)
+    ("b1_bandwidth_share", "batch-1 decode, share of the bandwidth limit", 0.90),
+    ("b1_vs_transformers", "batch-1 decode, x transformers generate", 1.8),
+    ("b8_over_b1", "batch-8 decode tokens/s, x batch 1", 4.0),
+    ("b32_over_b1", "batch-32 decode tokens/s, x batch 1", 7.0),
+    ("prefill512_gemm_share", "prefill 512 tokens, share of the fp32 GEMM peak", 0.80),
+)
+
+
+def assemble(*, settings: dict, model_desc: str, config: Any, machine: dict, bandwidth: dict, gemm: dict,
+             results: dict[str, dict], artifacts: dict[str, str], wall_s: float) -> dict:
+    """Everything in one JSON-able dict: inputs, raw measurements and the figures derived from them."""
+    bw = bandwidth["gb_per_s"]["median"] * 1e9
+    peak = gemm["gflop_per_s"]["median"]
+    wbytes = weight_bytes_per_token(config)
+    limit_tps = bw / wbytes
+    ctx = mean_decode_context(settings["decode_prompt_len"], settings["new_tokens"])
+    hf = results.get("transformers", {})
+    ref_tokens = (results.get("torch", {}).get("greedy_tokens") or {}).get("tokens")
+    for name, r in results.items():
+        if r.get("status") != "ok":
+            continue
+        on_cpu = r.get("info", {}).get("device", "cpu") == "cpu"  # the measured limits are the CPU's
+        d: dict[str, Any] = {"prefill": {}, "decode": {}}
+        for length, p in r["prefill"].items():
+            gflops = prefill_flops(config, int(length)) / (p["ms"]["median"] / 1e3) / 1e9
+            d["prefill"][length] = {"gflop_per_s": gflops, "gemm_peak_share": gflops / peak if on_cpu else None}
+        b1 = r["decode"].get("1", {}).get("tokens_per_s", {}).get("median")
+        for batch, x in r["decode"].items():
+            tps = x["tokens_per_s"]["median"]
+            gflops = tps * decode_flops_per_token(config, ctx) / 1e9
+            e = {"gflop_per_s": gflops, "gemm_peak_share": gflops / peak if on_cpu else None,
+                 "weight_read_gb_per_s": tps / int(batch) * wbytes / 1e9,
+                 "over_batch1": tps / b1 if b1 else None}
+            hf_tps = hf.get("decode", {}).get(batch, {}).get("tokens_per_s", {}).get("median")
+            e["vs_transformers"] = tps / hf_tps if hf_tps and name != "transformers" else None
+            if batch == "1" and on_cpu:
+                e["bandwidth_limit_share"] = tps / limit_tps
+            d["decode"][batch] = e
+        mine = (r.get("greedy_tokens") or {}).get("tokens")
+        if ref_tokens is not None and mine is not None:
+            n = min(len(mine), len(ref_tokens))
+            same = next((i for i in range(n) if mine[i] != ref_tokens[i]), n)
+            d["greedy_tokens_same_as_torch"] = {"identical_prefix": same, "of": len(ref_tokens)}
+        r["derived"] = d
+        r["targets"] = targets(r) if name in TARGET_BACKENDS else None
+    return {
+        "model": {"description": model_desc, "config": config.to_dict(), "params": param_count(config),
+                  "weight_bytes_per_token": wbytes, "dtype": "float32"},
+        "settings": settings,
+        "machine": machine,
+        "bandwidth": bandwidth,
+        "gemm": gemm,
+        "limits": {"batch1_decode_tokens_per_s": limit_tps, "gemm_peak_gflop_per_s": peak,
+                   "mean_decode_context": ctx,
+                   "note": "bandwidth limit = read bandwidth / weight bytes read per token; FLOPs count the "
+                           "Linear layers, lm_head and attention (QK^T, AV) only, logits for the last prompt "
+                           "position only"},
+        "artifacts": artifacts,
+        "results": results,
+        "wall_s": wall_s,
+    }
+
+
+def machine_busy(other_share: float | None) -> bool:
+    return other_share is not None and other_share > BUSY_OTHER_CPU_SHARE
+
+
+def targets(r: dict) -> dict[str, dict]:
+    d = r["derived"]
+    measured = {
+        "b1_bandwidth_share": d["decode"].get("1", {}).get("bandwidth_limit_share"),
+        "b1_vs_transformers": d["decode"].get("1", {}).get("vs_transformers"),
+        "b8_over_b1": d["decode"].get("8", {}).get("over_batch1"),
+        "b32_over_b1": d["decode"].get("32", {}).get("over_batch1"),
+        "prefill512_gemm_share": d["prefill"].get("512", {}).get("gemm_peak_share"),
+    }
+    out = {}
+    for key, desc, required in TARGETS:
+        m = measured[key]
+        out[key] = {"description": desc, "required": required, "measured": m,
+                    "met": None if m is None else m >= required,
+                    "shortfall_pct": None if m is None or m >= required else 100 * (1 - m / required)}
+    return out
+
+
+# ---- Markdown
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def _spread(s: dict | None, digits: int = 1) -> str:
+    if not s:
+        return "n/a"
+    return f"{_fmt(s['median'], digits)} ({_fmt(s['min'], digits)}–{_fmt(s['max'], digits)})"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def markdown(doc: dict) -> str:
+    s, m, res = doc["settings"], doc["machine"], doc["results"]
+    bw, gemm, lim = doc["bandwidth"], doc["gemm"], doc["limits"]
+    ok = {n: r for n, r in res.items() if r["status"] == "ok"}
+    lens, batches = [str(n) for n in s["prefill_lens"]], [str(b) for b in s["batches"]]
+    lines = [
+        f"### Benchmark: {doc['model']['description']}, fp32",
+        "",
+        f"{m['date']} · {m['cpu']} · {m['cpu_count']} cores ({m['torch_threads']} torch threads) · "
+        f"torch {m['packages'].get('torch')} · onnxruntime {m['packages'].get('onnxruntime')} · "
+        f"transformers {m['packages'].get('transformers')} · commit {m.get('git_commit')} · other processes used "
+        f"{_pct(m.get('other_processes_cpu_share'))} of the CPUs during the run",
+        "",
+        f"Machine: read bandwidth {_spread(bw['gb_per_s'])} GB/s; fp32 GEMM peak "
+        f"{_spread(gemm['gflop_per_s'], 0)} GFLOP/s ({gemm['n']}×{gemm['n']} matmul). "
+        f"{doc['model']['params'] / 1e6:.1f}M parameters, {doc['model']['weight_bytes_per_token'] / 1e6:.0f} MB of "
+        f"weights read per decode step → batch-1 bandwidth limit {_fmt(lim['batch1_decode_tokens_per_s'])} tokens/s.",
+        "",
+    ]
+    if machine_busy(m.get("other_processes_cpu_share")):
+        lines += [f"**Warning: other processes kept {_pct(m['other_processes_cpu_share'])} of the CPUs busy during "
+                  "this run, so these figures are low and noisy. Rerun on an idle machine.**", ""]
+    lines += [
+        f"Median (min–max) of up to {s['repeats']} decode runs and {s['prefill_repeats']} prefill runs per cell "
+        f"(at least 2; fewer once a cell's runs took {s.get('max_seconds', 0):.0f} s), after {s['warmup']} warm-up. "
+        f"Decode: greedy, {s['decode_prompt_len']}-token prompt, {s['new_tokens']} new tokens; "
+        f"tokens/s = (new tokens − 1) × batch ÷ decode time. Prefill: batch 1, to the first new token.",
+        "",
+    ]
+    head = (["backend"] + [f"prefill {n} (ms)" for n in lens] + [f"decode b{b} (tok/s)" for b in batches]
+            + ["peak RSS (MB)", "greedy tokens = torch"])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in ok.items():
+        row = [LABELS.get(name, name)]
+        row += [_spread(r["prefill"].get(n, {}).get("ms")) for n in lens]
+        row += [_spread(r["decode"].get(b, {}).get("tokens_per_s")) for b in batches]
+        same = r["derived"].get("greedy_tokens_same_as_torch")
+        row += [_fmt(r["memory"]["peak_rss_mb"], 0), f"{same['identical_prefix']}/{same['of']}" if same else "n/a"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"Against the machine's limits (GEMM peak {_fmt(lim['gemm_peak_gflop_per_s'], 0)} GFLOP/s):", ""]
+    head = (["backend", "b1 % of bandwidth limit", "b1 × transformers"]
+            + [f"b{b} GFLOP/s (% peak)" for b in batches]
+            + [f"b{b} ÷ b1" for b in batches if b != "1"]
+            + [f"prefill {n} GFLOP/s (% peak)" for n in lens])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in ok.items():
+        d = r["derived"]
+        b1 = d["decode"].get("1", {})
+        row = [LABELS.get(name, name), _pct(b1.get("bandwidth_limit_share")), _fmt(b1.get("vs_transformers"), 2)]
+        for b in batches:
+            e = d["decode"].get(b, {})
+            row.append(f"{_fmt(e.get('gflop_per_s'), 0)} ({_pct(e.get('gemm_peak_share'))})" if e else "n/a")
+        row += [_fmt(d["decode"].get(b, {}).get("over_batch1"), 2) for b in batches if b != "1"]
+        for n in lens:
+            e = d["prefill"].get(n, {})
+            row.append(f"{_fmt(e.get('gflop_per_s'), 0)} ({_pct(e.get('gemm_peak_share'))})" if e else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    judged = [n for n in TARGET_BACKENDS if n in ok]
+    if judged:
+        lines += ["", "Targets (onnxruntime fp32):", "",
+                  "| target | required | " + " | ".join(LABELS[n] for n in judged) + " |",
+                  "|---|---|" + "---|" * len(judged)]
+        for key, desc, required in TARGETS:
+            req = f"≥ {required:.0%}" if "share" in key else f"≥ {required:g}×"
+            cells = []
+            for n in judged:
+                t = ok[n]["targets"][key]
+                if t["measured"] is None:
+                    cells.append("not measured")
+                    continue
+                value = _pct(t["measured"]) if "share" in key else f"{t['measured']:.2f}×"
+                cells.append(f"{value} met" if t["met"] else f"{value} missed by {t['shortfall_pct']:.0f}%")
+            lines.append(f"| {desc} | {req} | " + " | ".join(cells) + " |")
+    others = {n: r for n, r in res.items() if r["status"] != "ok"}
+    if others:
+        lines.append("")
+        lines += [f"- {LABELS.get(n, n)}: {r['status']} ({r.get('reason', '')})" for n, r in others.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---- plot
+
+def plot_png(doc: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {n: r for n, r in doc["results"].items() if r["status"] == "ok"}
+    batches = [str(b) for b in doc["settings"]["batches"]]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    width = 0.8 / max(1, len(ok))
+    for i, (name, r) in enumerate(ok.items()):
+        xs, ys, lo, hi = [], [], [], []
+        for j, b in enumerate(batches):
+            t = r["decode"].get(b, {}).get("tokens_per_s")
+            if t:
+                xs.append(j + (i - (len(ok) - 1) / 2) * width)
+                ys.append(t["median"])
+                lo.append(t["median"] - t["min"])
+                hi.append(t["max"] - t["median"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=LABELS.get(name, name))
+    if "1" in batches:
+        j = batches.index("1")
+        limit = doc["limits"]["batch1_decode_tokens_per_s"]
+        ax.hlines(limit, j - 0.45, j + 0.45, colors="black", linestyles="dashed", label="batch-1 bandwidth limit")
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("decode tokens/s (median, min–max)")
+    ax.set_yscale("log")
+    m = doc["machine"]
+    busy = machine_busy(m.get("other_processes_cpu_share"))
+    ax.set_title(f"{doc['model']['description']}, fp32 — {m['cpu']}, {m['cpu_count']} cores\n{m['date']}"
+                 + (" — BUSY MACHINE: figures low and noisy" if busy else ""), fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write beside the destination, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,262 @@
+"""One backend's measurements, in a fresh process (so its peak memory is its own).
+
+    python -m benchmarks.worker SPEC.json RESULT.json
+
+benchmarks/run.py writes SPEC (backend, model, workloads) and reads RESULT. Progress goes to
+stderr. Every timed call is the code path a user runs: runtime.generation.generate for our
+backends, transformers' generate for the anchor. Both are timed the same way: prefill = from
+the prompt going in to the first new token on the CPU; decode = from there to the last token,
+over (new_tokens - 1) steps x batch rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.stats import summarize
+from model.errors import ModelError
+
+RUNTIME_BACKENDS = {"torch": "torch", "ort-fused": "onnxruntime", "ort-decomposed": "onnxruntime",
+                    "tensorrt": "tensorrt"}
+WARMUP_NEW_TOKENS = 16  # a decode warm-up only needs to touch every kernel and buffer once, not to be long
+MIN_TIMED_RUNS = 2  # a workload stops repeating at its time budget, but never below this (a spread needs two)
+ALL_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "tensorrt")
+
+
+class Unavailable(Exception):
+    """The backend cannot run on this machine (recorded as skipped, with the reason)."""
+
+
+def proc_status_kb(key: str) -> int | None:
+    """VmRSS / VmHWM (resident set, its high-water mark) of this process from /proc, in KiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- timed runs: each returns (prefill seconds, decode tokens, decode seconds, row 0's new tokens)
+
+Timed = tuple[float, int, float, list[int]]
+
+
+def run_runtime(backend: Any, prompt: torch.Tensor, new_tokens: int) -> Timed:
+    from runtime.generation import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=new_tokens, greedy=True, stop_at_eot=False)
+    r = generate(backend, prompt.tolist(), params)
+    return r.prefill_ms / 1e3, r.decode_tokens, r.decode_s, r.tokens[0]
+
+
+class _Clock:
+    """A transformers streamer that only notes when each put() happens (prompt, then every token)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.rows = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+        self.rows = value.shape[0]
+
+    def end(self) -> None:
+        pass
+
+
+def run_transformers(hf: Any, prompt: torch.Tensor, new_tokens: int) -> Timed:
+    clock = _Clock()
+    with torch.inference_mode():
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                          do_sample=False, num_beams=1, use_cache=True, streamer=clock)
+    if out.shape[1] != prompt.shape[1] + new_tokens or len(clock.times) != new_tokens + 1:
+        raise RuntimeError(f"transformers generated {out.shape[1] - prompt.shape[1]} tokens, not {new_tokens}")
+    t = clock.times
+    return t[1] - t[0], (new_tokens - 1) * prompt.shape[0], t[-1] - t[1], out[0, prompt.shape[1]:].tolist()
+
+
+def hf_from_gpt(model: Any) -> Any:
+    """Our GPT's weights in a transformers GPT2LMHeadModel (the anchor), moved tensor by tensor
+    so the peak holds one copy of the model, not two."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from model.load import HF_CONV1D
+
+    c = model.config
+    if not c.bias:
+        raise Unavailable("transformers GPT-2 has no bias=False variant (nanoGPT bias=False checkpoint)")
+    cfg = GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
+                     vocab_size=c.vocab_size, layer_norm_epsilon=c.layer_norm_eps,
+                     activation_function="gelu_new" if c.gelu == "tanh" else "gelu",
+                     bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    state = model.state_dict()
+    state.pop("lm_head.weight")
+    del model
+    with torch.device("meta"):
+        hf = GPT2LMHeadModel(cfg)
+    moved = {}
+    for k in list(state):
+        v = state.pop(k)
+        moved[k] = v.t().contiguous() if k.endswith(HF_CONV1D) else v
+    missing, unexpected = hf.load_state_dict(moved, strict=False, assign=True)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"GPT -> GPT2LMHeadModel: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    hf.tie_weights()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def open_tensorrt(spec: dict) -> Any:
+    """The engine is built from the fused artifact on first use (and rebuilt when it does not fit the
+    workloads or this GPU / TensorRT version); building needs the GPU it will run on."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        raise Unavailable("TensorRT is not installed")
+    if not torch.cuda.is_available():
+        raise Unavailable("no CUDA GPU visible to torch")
+    from export.trt import build_engine
+    from runtime.trt_backend import TensorRTBackend
+
+    need_batch = max(spec["batches"])
+    need_seq = max(max(spec["prefill_lens"]) + 1, spec["decode_prompt_len"] + spec["new_tokens"])
+    try:
+        backend = TensorRTBackend(spec["artifact"])
+        if backend.max_batch < need_batch or backend.max_seq_len < need_seq:
+            raise ModelError(f"engine holds batch {backend.max_batch} x {backend.max_seq_len} positions")
+        return backend
+    except ModelError as e:
+        log(f"[tensorrt] building the engine ({e})")
+    build_engine(spec["artifact"], max_batch=need_batch, log=log)
+    return TensorRTBackend(spec["artifact"])
+
+
+def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
+    """-> (runner function, model object it takes, info for the JSON)."""
+    name = spec["backend"]
+    if name == "transformers":
+        import importlib.util
+
+        from model.load import load_model
+
+        if importlib.util.find_spec("transformers") is None:
+            raise Unavailable("transformers is not installed (pip install transformers)")
+        hf = hf_from_gpt(load_model(spec["model_src"])[0])  # no reference kept here: converted tensor by tensor
+        import transformers
+
+        info = {"attn_implementation": getattr(hf.config, "_attn_implementation", None), "device": "cpu",
+                "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
+        return run_transformers, hf, info
+    from runtime.backends import open_backend
+
+    if name == "tensorrt":
+        backend = open_tensorrt(spec)
+        return run_runtime, backend, {"name": backend.name, "device": "cuda", "variant": backend.variant}
+    src = spec["model_src"] if name == "torch" else spec["artifact"]
+    opts = {"threads": spec["threads"]} if spec.get("threads") and name.startswith("ort-") else {}
+    backend = open_backend(RUNTIME_BACKENDS[name], src, **opts)
+    info: dict[str, Any] = {"name": getattr(backend, "name", name), "device": str(backend.device)}
+    if hasattr(backend, "providers"):
+        info["providers"] = backend.providers
+    if hasattr(backend, "session"):  # 0 = onnxruntime's default: one thread per physical core
+        info["intra_op_threads"] = backend.session.get_session_options().intra_op_num_threads
+    else:
+        info["torch_threads"] = torch.get_num_threads()
+    return run_runtime, backend, info
+
+
+def measure(spec: dict) -> dict:
+    name, seed = spec["backend"], spec["seed"]
+    label = f"[{name}]"
+    rss_start_kb = proc_status_kb("VmHWM")
+    t0 = time.perf_counter()
+    run, obj, info = open_for_bench(spec)
+    load_s = time.perf_counter() - t0
+    log(f"{label} loaded in {load_s:.1f}s")
+    n_vocab, warmup, repeats = spec["n_vocab"], spec["warmup"], spec["repeats"]
+    gen = torch.Generator().manual_seed(seed)
+
+    budget_s = spec.get("max_seconds") or float("inf")
+
+    prefill = {}
+    for length in spec["prefill_lens"]:
+        prompt = torch.randint(0, n_vocab, (1, length), generator=gen)
+        for _ in range(warmup):
+            run(obj, prompt, 1)
+        times, t_start = [], time.perf_counter()
+        for _ in range(spec["prefill_repeats"]):
+            times.append(run(obj, prompt, 1)[0] * 1e3)
+            if len(times) >= MIN_TIMED_RUNS and time.perf_counter() - t_start > budget_s:
+                break
+        prefill[str(length)] = {"ms": summarize(times), "prompt_len": length, "batch": 1}
+        log(f"{label} prefill {length:4d} tokens: median {prefill[str(length)]['ms']['median']:8.1f} ms "
+            f"({len(times)} runs after {warmup} warm-up)")
+
+    decode, greedy_tokens = {}, None
+    new_tokens, prompt_len = spec["new_tokens"], spec["decode_prompt_len"]
+    for batch in spec["batches"]:
+        prompt = torch.randint(0, n_vocab, (batch, prompt_len), generator=gen)
+        for _ in range(warmup):
+            _, tokens, s, _ = run(obj, prompt, min(new_tokens, WARMUP_NEW_TOKENS))
+            log(f"{label} decode batch {batch:3d} warm-up: {tokens / s:8.1f} tokens/s")
+        rates, t_start = [], time.perf_counter()
+        for i in range(repeats):
+            _, tokens, s, row0 = run(obj, prompt, new_tokens)
+            if greedy_tokens is None:
+                greedy_tokens = row0  # compared across backends: they must compute the same thing
+            rates.append(tokens / s)
+            log(f"{label} decode batch {batch:3d} run {i + 1}/{repeats}: {tokens / s:8.1f} tokens/s")
+            if len(rates) >= MIN_TIMED_RUNS and time.perf_counter() - t_start > budget_s:
+                log(f"{label} decode batch {batch:3d}: time budget of {budget_s:.0f}s reached, stopping")
+                break
+        decode[str(batch)] = {"tokens_per_s": summarize(rates), "batch": batch, "prompt_len": prompt_len,
+                              "new_tokens": new_tokens}
+
+    peak_kb, base_kb = proc_status_kb("VmHWM"), rss_start_kb
+    memory = {"method": "VmHWM of the worker process (/proc/self/status): peak resident set size",
+              "peak_rss_mb": peak_kb / 1024 if peak_kb else None,
+              "rss_before_load_mb": base_kb / 1024 if base_kb else None,
+              "peak_above_imports_mb": (peak_kb - base_kb) / 1024 if peak_kb and base_kb else None}
+    return {"backend": name, "status": "ok", "info": info, "load_s": load_s, "prefill": prefill,
+            "decode": decode, "memory": memory,
+            "greedy_tokens": {"batch": spec["batches"][0], "row": 0, "tokens": greedy_tokens}}
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    try:
+        result = measure(spec)
+    except Unavailable as e:
+        log(f"[{spec['backend']}] skipped: {e}")
+        result = {"backend": spec["backend"], "status": "skipped", "reason": str(e)}
+    except Exception as e:  # a backend failing must not stop the others; the reason goes in the JSON
+        traceback.print_exc(file=sys.stderr)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        result = {"backend": spec["backend"], "status": "failed", "reason": f"{type(e).__name__}: {first}"}
+    tmp = result_path.with_name(result_path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

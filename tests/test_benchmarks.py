@@ -1,0 +1,169 @@
+"""The benchmark suite: its --quick mode runs end to end and writes what it promises; the
+byte/FLOP model and the transformers anchor are right. No timing is asserted anywhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.roofline import decode_flops_per_token, param_count, prefill_flops, weight_bytes_per_token
+from model.config import GPTConfig
+from model.gpt import GPT
+
+ROOT = Path(__file__).resolve().parent.parent
+GPT2_124M_PARAMS = 124_439_808  # transformers GPT2LMHeadModel("gpt2").num_parameters(), tied head counted once
+HF_LOGITS_ATOL = 1e-4  # fp32 logits, same weights, two implementations
+RUNTIME_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed")
+
+
+def run_bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    return run_bench("--quick", "--out", str(out / "out"), "--cache", str(out / "cache")), out / "out"
+
+
+def test_quick_run_writes_json_markdown_and_png(quick):
+    proc, out = quick
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "bench.json").read_text())
+    for key in ("model", "settings", "machine", "bandwidth", "gemm", "limits", "results"):
+        assert key in doc
+    assert doc["machine"]["packages"]["torch"] == torch.__version__
+    assert doc["bandwidth"]["gb_per_s"]["median"] > 0
+    assert doc["gemm"]["gflop_per_s"]["median"] > 0
+    assert set(doc["results"]) == {*RUNTIME_BACKENDS, "tensorrt"}
+    settings = doc["settings"]
+    for name in RUNTIME_BACKENDS:
+        r = doc["results"][name]
+        assert r["status"] == "ok", (name, r.get("reason"))
+        assert set(r["prefill"]) == {str(n) for n in settings["prefill_lens"]}
+        assert set(r["decode"]) == {str(b) for b in settings["batches"]}
+        for d in r["decode"].values():
+            s = d["tokens_per_s"]
+            assert len(s["values"]) == settings["repeats"] and s["min"] <= s["median"] <= s["max"]
+        assert r["memory"]["peak_rss_mb"] > 0
+        assert 0 < r["derived"]["decode"]["1"]["bandwidth_limit_share"]
+        # every backend decodes the same greedy tokens as the torch reference (fp32, tiny model)
+        same = r["derived"]["greedy_tokens_same_as_torch"]
+        assert same["identical_prefix"] == same["of"] == settings["new_tokens"], name
+    assert doc["results"]["tensorrt"]["status"] in ("ok", "skipped")
+    assert set(doc["results"]["ort-fused"]["targets"]) >= {"b1_bandwidth_share", "b1_vs_transformers"}
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "bench.md").read_text()
+    assert md in proc.stdout and "| onnxruntime fused |" in md
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+@pytest.mark.parametrize("args", [["--batches", "0"], ["--backends", "torch,nope"], ["--repeats", "x"],
+                                  ["--quick", "--model", "demo"], ["--model", "no/such/model", "--backends", "torch"]])
+def test_bad_flags_give_one_line_error(args, tmp_path):
+    proc = run_bench(*args, "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_param_count_matches_the_model(bias):
+    config = GPTConfig.preset("tiny", bias=bias)
+    assert param_count(config) == GPT(config).num_params()
+
+
+def test_gpt2_byte_and_flop_model():
+    config = GPTConfig.preset("gpt2")
+    assert param_count(config) == GPT2_124M_PARAMS
+    # the whole model but 1023 of wpe's 1024 rows, fp32
+    assert weight_bytes_per_token(config) == (GPT2_124M_PARAMS - 1023 * 768) * 4
+    linear = 12 * (12 * 768 * 768) + 50257 * 768
+    assert decode_flops_per_token(config, context=1) == 2 * linear + 4 * 12 * 768
+    # prefill of one token = decode of one token with nothing cached
+    assert prefill_flops(config, 1) == decode_flops_per_token(config, context=1)
+
+
+def test_transformers_anchor_runs_the_same_model():
+    from benchmarks.worker import hf_from_gpt, run_runtime, run_transformers
+    from model.tokenizer import char_tokenizer
+    from runtime.torch_backend import TorchBackend
+
+    torch.manual_seed(0)
+    config = GPTConfig.preset("tiny")
+    model = GPT(config).eval()
+    ref = GPT(config).eval()
+    ref.load_state_dict(model.state_dict())
+    hf = hf_from_gpt(model)
+    ids = torch.randint(0, config.vocab_size, (2, 10))
+    with torch.inference_mode():
+        torch.testing.assert_close(hf(ids).logits, ref(ids)[0], atol=HF_LOGITS_ATOL, rtol=0)
+    backend = TorchBackend(ref, char_tokenizer([chr(0x100 + i) for i in range(config.vocab_size)]))
+    _, n_hf, _, tokens_hf = run_transformers(hf, ids, 12)
+    _, n_ref, _, tokens_ref = run_runtime(backend, ids, 12)
+    assert n_hf == n_ref == 2 * 11
+    assert tokens_hf == tokens_ref and len(tokens_hf) == 12
+
+
+def _fake_result(prefill_ms: dict[int, float], tokens_per_s: dict[int, float]) -> dict:
+    from benchmarks.stats import summarize
+
+    return {"status": "ok", "info": {"device": "cpu"},
+            "prefill": {str(n): {"ms": summarize([ms])} for n, ms in prefill_ms.items()},
+            "decode": {str(b): {"tokens_per_s": summarize([t])} for b, t in tokens_per_s.items()},
+            "memory": {"peak_rss_mb": 1000.0}, "greedy_tokens": {"tokens": [1, 2, 3]}}
+
+
+def test_targets_are_judged_against_the_measured_limits():
+    from benchmarks import report
+    from benchmarks.stats import summarize
+
+    config = GPTConfig.preset("gpt2")
+    bandwidth_gbps, gemm_gflops = 25.0, 175.0
+    limit = bandwidth_gbps * 1e9 / weight_bytes_per_token(config)  # ~50.5 tokens/s
+    prefill_512_ms = prefill_flops(config, 512) / (0.85 * gemm_gflops * 1e9) * 1e3  # 85% of the peak
+    results = {
+        "transformers": _fake_result({512: 2000.0}, {1: 0.5 * limit, 8: 2 * limit, 32: 3 * limit}),
+        "ort-fused": _fake_result({512: prefill_512_ms}, {1: 0.95 * limit, 8: 3.5 * 0.95 * limit,
+                                                          32: 8 * 0.95 * limit}),
+    }
+    settings = {"prefill_lens": [512], "batches": [1, 8, 32], "new_tokens": 128, "decode_prompt_len": 32,
+                "repeats": 1, "prefill_repeats": 1, "warmup": 1}
+    machine = {"date": "d", "cpu": "c", "cpu_count": 2, "torch_threads": 2, "packages": {},
+               "other_processes_cpu_share": 0.0}
+    doc = report.assemble(settings=settings, model_desc="gpt2", config=config, machine=machine,
+                          bandwidth={"gb_per_s": summarize([bandwidth_gbps])},
+                          gemm={"n": 2048, "gflop_per_s": summarize([gemm_gflops])},
+                          results=results, artifacts={}, wall_s=1.0)
+    t = doc["results"]["ort-fused"]["targets"]
+    assert t["b1_bandwidth_share"]["measured"] == pytest.approx(0.95) and t["b1_bandwidth_share"]["met"]
+    assert t["b1_vs_transformers"]["measured"] == pytest.approx(1.9) and t["b1_vs_transformers"]["met"]
+    assert t["b8_over_b1"]["measured"] == pytest.approx(3.5) and not t["b8_over_b1"]["met"]
+    assert t["b8_over_b1"]["shortfall_pct"] == pytest.approx(12.5)
+    assert t["b32_over_b1"]["met"]
+    assert t["prefill512_gemm_share"]["measured"] == pytest.approx(0.85) and t["prefill512_gemm_share"]["met"]
+    assert doc["results"]["transformers"]["targets"] is None  # targets are for onnxruntime
+    md = report.markdown(doc)
+    assert "3.50× missed by 1" in md and "95% met" in md and "Warning" not in md
+
+
+def test_ort_profile_breaks_a_decode_step_down_by_operator(quick, tmp_path):
+    from benchmarks.profile_ort import profile_decode
+
+    proc, out = quick
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    artifact = json.loads((out / "bench.json").read_text())["artifacts"]["fused"]
+    steps = 3
+    r = profile_decode(artifact, batch=2, prompt_len=5, steps=steps, threads=1, trace_dir=tmp_path)
+    config = GPTConfig.from_dict(json.loads((out / "bench.json").read_text())["model"]["config"])
+    assert r["graph"] == "fused" and r["steps"] == steps
+    # per layer 4 Linear + the lm_head, each one Gemm per step
+    assert r["per_op_ms_per_step"].keys() >= {"Gemm", "Attention", "LayerNormalization"}
+    assert r["nodes_per_step"] >= 4 * config.n_layer + 1
+    assert Path(r["trace"]).is_file()
