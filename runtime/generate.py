@@ -1,0 +1,184 @@
+"""Generate text with any backend; the text streams to stdout, the figures go to stderr.
+
+    python -m runtime.generate --model demo --prompt "ROMEO:" --max-new-tokens 200
+    python -m runtime.generate --model artifacts/demo --backend onnxruntime --prompt "ROMEO:" --greedy
+    python -m runtime.generate --model path/to/hf-gpt2 --prompt-file p.txt --temperature 0.7 --top-p 0.9 --seed 1
+
+stdout gets, per sample, the prompt followed by the generated text as it is produced (samples
+separated by a line of dashes); stderr gets one line of figures at the end: prompt tokens, new
+tokens, prefill ms, decode tokens/s (and the seed, so a sampled run can be repeated).
+Sampling semantics: see runtime/generation.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+
+from model.errors import ModelError, run_cli
+from runtime.backends import BACKENDS, open_backend
+from runtime.generation import GenerationResult, SamplingParams, generate, prepare_prompts
+
+DEFAULT_MODEL = "demo"
+DEFAULT_BACKEND = "torch"
+DEFAULT_NUM_SAMPLES = 1
+MAX_NUM_SAMPLES = 1000
+MAX_THREADS = 1024
+SAMPLE_SEPARATOR = "---------------"
+DEFAULTS = SamplingParams()  # the sampling defaults live in one place: SamplingParams
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line through run_cli instead of usage + message
+        raise ModelError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(prog="python -m runtime.generate", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_SRC",
+                   help="an artifact folder written by `python -m export.onnx`; for --backend torch also "
+                        "demo (the bundled model), a Hugging Face GPT-2 folder, a nanoGPT ckpt.pt, or our "
+                        "checkpoint folder (default: %(default)s)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
+                   help="%(choices)s (default: %(default)s)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="prompt text (required unless --prompt-file)")
+    src.add_argument("--prompt-file", type=Path, metavar="FILE", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, metavar="N",
+                   help="stop after this many new tokens (default: %(default)s)")
+    p.add_argument("--greedy", action="store_true",
+                   help="always take the most likely token (default: sample); excludes --temperature, "
+                        "--top-k, --top-p")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help=f"divide the logits by T before sampling; 0 means greedy (default: {DEFAULTS.temperature})")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help=f"sample among the K most likely tokens only; 0 turns it off (default: {DEFAULTS.top_k})")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample among the most likely tokens whose probabilities sum to >= P; 1 turns it off "
+                        f"(default: {DEFAULTS.top_p})")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, metavar="S",
+                   help="seed of the sampler; sample i uses SEED + i (default: a random seed, printed to stderr)")
+    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="N",
+                   help=f"how many samples from the prompt, one after another (default: %(default)s, "
+                        f"at most {MAX_NUM_SAMPLES})")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop a sample when TEXT appears (cut before it); repeatable (default: only the "
+                        "end-of-text token and --max-new-tokens stop)")
+    p.add_argument("--truncate", action="store_true",
+                   help="if prompt + --max-new-tokens exceeds the model's block_size (or the artifact's max_seq_len), "
+                        "keep only the last block_size - max_new_tokens prompt tokens (default: refuse with an error)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where torch runs, or onnxruntime's execution provider (cuda needs onnxruntime-gpu); "
+                        "tensorrt always runs on the GPU (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch / onnxruntime (default: the library's own choice, one per core)")
+    return p
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    sampling_flags = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p}
+    given = [flag for flag, value in sampling_flags.items() if value is not None]
+    if args.greedy and given:
+        raise ModelError(f"--greedy cannot be combined with {', '.join(given)}")
+    for flag in ("--temperature", "--top-p"):
+        value = sampling_flags[flag]
+        if value is not None and not math.isfinite(value):
+            raise ModelError(f"{flag} must be a finite number, got {value}")
+    top_k = DEFAULTS.top_k if args.top_k is None else (None if args.top_k == 0 else args.top_k)
+    if args.top_k is not None and args.top_k < 0:
+        raise ModelError(f"--top-k must be >= 0, got {args.top_k}")
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+        temperature=DEFAULTS.temperature if args.temperature is None else args.temperature,
+        top_k=top_k, top_p=DEFAULTS.top_p if args.top_p is None else args.top_p,
+        seed=args.seed, stop=tuple(args.stop), truncate=args.truncate,
+    )
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        text = args.prompt
+    else:
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ModelError(f"{args.prompt_file}: prompt file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelError(f"{args.prompt_file}: cannot read the prompt as UTF-8 text ({e})") from None
+    if not text:
+        raise ModelError("empty prompt: give at least one character (--prompt or --prompt-file)")
+    return text
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, object]:
+    if args.backend == "torch":
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return {"device": args.device}
+    if args.backend == "onnxruntime":
+        return {"providers": args.device, **({"threads": args.threads} if args.threads else {})}
+    return {}
+
+
+def format_stats(backend_name: str, results: list[GenerationResult], prompt_len: int) -> str:
+    prompt_tokens = len(results[0].prompt_tokens[0])
+    truncated = f" (truncated from {prompt_len})" if prompt_tokens < prompt_len else ""
+    new_tokens = sum(r.new_tokens for r in results)
+    prefill_ms = sum(r.prefill_ms for r in results) / len(results)
+    decode_s = sum(r.decode_s for r in results)
+    decode_tokens = sum(r.decode_tokens for r in results)
+    tps = f"{decode_tokens / decode_s:.1f}" if decode_s > 0 else "n/a"
+    seeds = [r.seed for r in results if r.seed is not None]
+    line = (f"[{backend_name}] prompt tokens: {prompt_tokens}{truncated} | new tokens: {new_tokens}"
+            f"{f' ({len(results)} samples)' if len(results) > 1 else ''} | prefill: {prefill_ms:.1f} ms"
+            f"{' (mean)' if len(results) > 1 else ''} | decode: {tps} tokens/s")
+    return line + (f" | seed: {seeds[0]}" if seeds else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 1 <= args.num_samples <= MAX_NUM_SAMPLES:
+        raise ModelError(f"--num-samples must be in 1..{MAX_NUM_SAMPLES}, got {args.num_samples}")
+    params = sampling_params(args)  # validates the numbers before anything is loaded
+    prompt = read_prompt(args)
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ModelError(f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
+    backend = open_backend(args.backend, args.model, **backend_options(args))
+    prompt_ids = backend.tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ModelError("the prompt encodes to zero tokens")
+    prepare_prompts([prompt_ids], params, backend)  # fails here, before any output
+
+    def stream(_row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    results: list[GenerationResult] = []
+    try:
+        for i in range(args.num_samples):
+            if i:
+                sys.stdout.write(f"\n{SAMPLE_SEPARATOR}\n")
+            seed = None if params.seed is None else params.seed + i
+            if params.seed is None and results and results[0].seed is not None:
+                seed = results[0].seed + i  # a random first seed, then consecutive ones: repeatable from the report
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+            results.append(generate(backend, [prompt_ids], dataclasses.replace(params, seed=seed), on_text=stream))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `| head`: stop quietly, as other CLI tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    print(format_stats(backend.name, results, len(prompt_ids)), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
