@@ -72,15 +72,19 @@ class OnnxRuntimeBackend:
             if n not in names:
                 raise ModelError(f"{art.model_path}: graph lacks {n!r} listed in config.json")
         self._batch = 0
+        self._kv: list[list[list[torch.Tensor]]] | None = None
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         if max_seq_len > self.max_seq_len:
             raise ModelError(f"max_seq_len {max_seq_len} exceeds the artifact's {self.max_seq_len}")
         c = self.config
         n = batch_size * c.n_head * max_seq_len * c.head_dim
-        # [ping/pong][layer][key/value] flat buffers
-        self._kv = [[[torch.empty(n, dtype=self.kv_dtype, device=self.device) for _ in range(2)]
-                     for _ in range(c.n_layer)] for _ in range(2)]
+        # [ping/pong][layer][key/value] flat buffers; reused while they are large enough, and the
+        # old ones are dropped before new ones are allocated, so a cache is never held twice
+        if not self._kv or self._kv[0][0][0].numel() < n:
+            self._kv = None
+            self._kv = [[[torch.empty(n, dtype=self.kv_dtype, device=self.device) for _ in range(2)]
+                         for _ in range(c.n_layer)] for _ in range(2)]
         self._logits = torch.empty(batch_size, 1, c.vocab_size, dtype=torch.float32, device=self.device)
         self._batch, self._cap, self._past, self._cur = batch_size, max_seq_len, 0, 0
         self._binding = self.session.io_binding()

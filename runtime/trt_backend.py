@@ -90,9 +90,9 @@ class TensorRTBackend:
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         if not 1 <= batch_size <= self.max_batch:
-            raise ValueError(f"batch {batch_size} is outside the engine's 1..{self.max_batch}")
+            raise ModelError(f"batch {batch_size} is outside the engine's 1..{self.max_batch}")
         if max_seq_len > self.max_seq_len:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the engine's {self.max_seq_len}")
+            raise ModelError(f"max_seq_len {max_seq_len} exceeds the engine's {self.max_seq_len}")
         c, B, M = self.config, batch_size, self.max_seq_len
         with torch.cuda.stream(self.stream):
             if B != self.batch:

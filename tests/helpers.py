@@ -1,4 +1,4 @@
-"""Small shared test helpers: random HF GPT-2 folders and greedy decoding on the reference."""
+"""Small shared test helpers: random HF GPT-2 folders, nanoGPT-layout checkpoints, greedy decoding."""
 
 from __future__ import annotations
 
@@ -30,3 +30,35 @@ def greedy_with_cache(model: GPT, prompt: torch.Tensor, steps: int) -> torch.Ten
         out.append(nxt)
         logits, past = model(nxt, past)
     return torch.cat(out, dim=1)
+
+
+NANOGPT_MODEL_ARGS = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=False, vocab_size=50304, dropout=0.0)
+
+
+def nanogpt_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict in nanoGPT's layout: nn.Linear weights [out, in], no biases (bias=False),
+    keys as torch.compile saves them (`_orig_mod.` prefix), plus the non-flash mask buffer."""
+    g = torch.Generator().manual_seed(seed)
+    C, V, T = NANOGPT_MODEL_ARGS["n_embd"], NANOGPT_MODEL_ARGS["vocab_size"], NANOGPT_MODEL_ARGS["block_size"]
+    sd = {"transformer.wte.weight": torch.randn(V, C, generator=g) * 0.3,
+          "transformer.wpe.weight": torch.randn(T, C, generator=g) * 0.3,
+          "transformer.ln_f.weight": 1 + 0.1 * torch.randn(C, generator=g)}
+    for i in range(NANOGPT_MODEL_ARGS["n_layer"]):
+        p = f"transformer.h.{i}."
+        sd[p + "ln_1.weight"] = 1 + 0.1 * torch.randn(C, generator=g)
+        sd[p + "attn.c_attn.weight"] = torch.randn(3 * C, C, generator=g) * 0.15
+        sd[p + "attn.c_proj.weight"] = torch.randn(C, C, generator=g) * 0.15
+        sd[p + "attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+        sd[p + "ln_2.weight"] = 1 + 0.1 * torch.randn(C, generator=g)
+        sd[p + "mlp.c_fc.weight"] = torch.randn(4 * C, C, generator=g) * 0.15
+        sd[p + "mlp.c_proj.weight"] = torch.randn(C, 4 * C, generator=g) * 0.15
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def save_nanogpt_ckpt(path, state, dataset="shakespeare_char"):
+    ckpt = {"model": {f"_orig_mod.{k}": v for k, v in state.items()},
+            "optimizer": {"state": {}, "param_groups": []},
+            "model_args": dict(NANOGPT_MODEL_ARGS), "iter_num": 5000, "best_val_loss": torch.tensor(1.47),
+            "config": {"dataset": dataset, "n_layer": 2, "learning_rate": 1e-3, "compile": True}}
+    torch.save(ckpt, path)

@@ -29,7 +29,7 @@ from tests.helpers import greedy_with_cache, save_random_hf_gpt2
 
 GREEDY_STEPS = 64
 REPORT_CASES = 60
-MAX_DEMO_FP16_NEAR_TIES = 2  # of 2 x 65 greedy decisions
+MAX_DEMO_FP16_NEAR_TIES = 0  # the shipped demo weights: fp16 greedy is identical to fp32 over 2 x 65 steps
 CHARS = [chr(c) for c in range(32, 122)]  # 90 ids; the nanoGPT-style variant pads vocab to 96
 
 
@@ -222,8 +222,8 @@ def test_matches_transformers_gpt2(tmp_path, opset):
 
 def test_demo_model_fp16_greedy(tmp_path):
     """The bundled demo model in float16 vs the fp32 reference over 64 decode steps: logits within bound, and
-    every greedy token identical except at near ties (reference gap between the two tokens <= 2 * max |diff|:
-    the demo's char model has some, e.g. a 1.4e-3 gap against a 3.0e-3 fp16 error)."""
+    every greedy token identical. (Near ties -- reference gap between the two tokens <= 2 * max |diff| -- can
+    flip in fp16 for other weights; the shipped demo weights have none over these steps.)"""
     summary = export_artifact("demo", tmp_path / "demo16", dtype="float16", verify_steps=GREEDY_STEPS,
                               report_cases=REPORT_CASES, log=print)  # verify raises if out of bound
     dec, report = summary["verify"], summary["report"]

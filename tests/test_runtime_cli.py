@@ -126,7 +126,7 @@ def test_nanogpt_ckpt_with_padded_vocabulary(capsys, tmp_path):
     from model.load import load_model
     from runtime.generation import SamplingParams, generate
     from runtime.torch_backend import TorchBackend
-    from tests.test_model_nanogpt import nanogpt_state, save_nanogpt_ckpt
+    from tests.helpers import nanogpt_state, save_nanogpt_ckpt
 
     save_nanogpt_ckpt(tmp_path / "ckpt.pt", nanogpt_state(), dataset="openwebtext")  # 50304 rows, GPT-2 BPE
     out, err = run_main(capsys, "--model", str(tmp_path / "ckpt.pt"), "--prompt", "Hello", "--greedy",
