@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.worker import ALL_BACKENDS
+from export.artifact import write_atomic
 from model.errors import ModelError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,11 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                           bandwidth=bandwidth, gemm=gemm, results=results, artifacts=artifacts,
                           wall_s=time.perf_counter() - started)
     markdown = report.markdown(doc)
-    report.write_atomic(out_dir / "bench.json", json.dumps(doc, indent=1).encode())
-    report.write_atomic(out_dir / "bench.md", markdown.encode())
+    write_atomic(out_dir / "bench.json", json.dumps(doc, indent=1).encode())
+    write_atomic(out_dir / "bench.md", markdown.encode())
     written = [out_dir / "bench.json", out_dir / "bench.md"]
     if importlib.util.find_spec("matplotlib") is not None:
-        report.write_atomic(out_dir / "bench.png", report.plot_png(doc))
+        write_atomic(out_dir / "bench.png", report.plot_png(doc))
         written.append(out_dir / "bench.png")
     else:
         log("warning: matplotlib is not installed: no bench.png (pip install matplotlib)")

@@ -48,6 +48,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write beside the destination, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def is_artifact(path: str | os.PathLike) -> bool:
     return (Path(path) / MODEL_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
 

@@ -18,7 +18,6 @@ precision comes from the ONNX types; builder flags are looked up by name).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import tempfile
@@ -37,25 +36,6 @@ PROFILE_NAMES = ("prefill", "decode")
 def engine_files(variant: str) -> tuple[str, str]:
     """(plan, manifest) file names for variant "plugins" or "native"."""
     return f"trt_{variant}.plan", f"trt_{variant}.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
@@ -157,7 +137,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
                  max_batch: int = 8, max_seq_len: int | None = None, timing_cache: str | os.PathLike | None = None,
                  tf32: bool = False, log=print) -> Path:
     """Build and write the plan + manifest; returns the manifest path."""
-    from export.artifact import MODEL_FILE, read_artifact
+    from export.artifact import MODEL_FILE, read_artifact, sha256_file, write_atomic
 
     artifact_dir = Path(artifact_dir)
     art = read_artifact(artifact_dir, verify=True)
@@ -215,9 +195,9 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     if plan is None:
         raise ModelError("TensorRT failed to build the engine (see the TensorRT log above)")
     plan_name, manifest_name = engine_files(variant)
-    _atomic_write(artifact_dir / plan_name, bytes(plan))
+    write_atomic(artifact_dir / plan_name, bytes(plan))
     if cache is not None:
-        _atomic_write(timing_cache, bytes(cache.serialize()))
+        write_atomic(timing_cache, bytes(cache.serialize()))
     manifest = {
         "tensorrt": trt.__version__,
         "gpu": gpu_identity(),
@@ -225,9 +205,9 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
         "plugins": list(plugins),
         "kv_cache": "static" if "attention" in plugins else "past_present",
         "plugin_ids": [f"gptdeploy::{n}" for n in _plugin_op_names(plugins)],
-        "onnx": {"file": onnx_path.name, "sha256": _sha256(onnx_path)},
+        "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
         "source_onnx": {"file": MODEL_FILE, "sha256": art.files[MODEL_FILE]},
-        "plan": {"file": plan_name, "sha256": _sha256(artifact_dir / plan_name)},
+        "plan": {"file": plan_name, "sha256": sha256_file(artifact_dir / plan_name)},
         "dtype": art.export.get("dtype", "float32"),
         "logits": art.export.get("logits", "last"),
         "max_batch": max_batch,
@@ -237,7 +217,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
                       "shapes": {n: [list(s) for s in v] for n, v in p.items()}} for k, p in enumerate(shapes)],
         "build_seconds": round(time.perf_counter() - t0, 1),
     }
-    _atomic_write(artifact_dir / manifest_name, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomic(artifact_dir / manifest_name, (json.dumps(manifest, indent=1) + "\n").encode())
     log(f"[write] {plan_name} ({(artifact_dir / plan_name).stat().st_size / 1e6:.1f} MB), {manifest_name} "
         f"in {manifest['build_seconds']}s")
     return artifact_dir / manifest_name

@@ -32,8 +32,8 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, artifact_dir: str | os.PathLike, variant: str | None = None) -> None:
-        from export.artifact import read_artifact
-        from export.trt import DECODE, PREFILL, _sha256, engine_files, gpu_identity, require_tensorrt_and_gpu
+        from export.artifact import read_artifact, sha256_file
+        from export.trt import DECODE, PREFILL, engine_files, gpu_identity, require_tensorrt_and_gpu
 
         trt = require_tensorrt_and_gpu()
         self.artifact_dir = Path(artifact_dir)
@@ -50,7 +50,7 @@ class TensorRTBackend:
                              f"(sm {manifest['gpu']['compute_capability']}), this GPU is {gpu['name']} "
                              f"(sm {gpu['compute_capability']}); rebuild with python -m export.trt")
         plan_path = self.artifact_dir / manifest["plan"]["file"]
-        if not plan_path.is_file() or _sha256(plan_path) != manifest["plan"]["sha256"]:
+        if not plan_path.is_file() or sha256_file(plan_path) != manifest["plan"]["sha256"]:
             raise ModelError(f"{plan_path}: missing or does not match its manifest; rebuild with python -m export.trt")
         if manifest["plugins"]:
             import export.plugins.register  # noqa: F401 - AOT kernels are in the plan; JIT (aot=0) nodes need this

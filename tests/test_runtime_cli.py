@@ -26,12 +26,7 @@ STATS_LINE = re.compile(r"^\[(\S+)\] prompt tokens: (\d+)(?: \(truncated from \d
                         r"decode: [\d.]+ tokens/s(?: \| seed: \d+)?$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

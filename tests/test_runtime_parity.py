@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from runtime.backends import open_backend
 from runtime.generation import SamplingParams, generate
@@ -15,12 +14,7 @@ GREEDY_STEPS = 100
 SAMPLED_STEPS = 60
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def export(src: str | Path, out: Path) -> Path:
