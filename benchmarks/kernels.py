@@ -11,10 +11,9 @@ Times are medians from triton.testing.do_bench (ms); correctness is in tests/tes
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from model.errors import ModelError, run_cli
+from model.errors import CliParser, ModelError, run_cli
 
 
 def _attention_cases() -> list[tuple[str, int, int, int]]:
@@ -76,13 +75,8 @@ def bench(dtype_name: str, n_head: int, head_dim: int) -> list[dict]:
     return rows
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one-line error through run_cli
-        raise ModelError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--n-head", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)

@@ -65,13 +65,14 @@ def machine_info() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    mem_kb = proc_kb("/proc/meminfo", "MemTotal")
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "hostname": platform.node(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "memory_gb": round(_meminfo_kb("MemTotal") / 2**20, 1) if _meminfo_kb("MemTotal") else None,
+        "memory_gb": round(mem_kb / 2**20, 1) if mem_kb else None,
         "load_average_1m": load_average(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -119,9 +120,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _meminfo_kb(key: str) -> int | None:
+def proc_kb(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a /proc file (/proc/meminfo, /proc/self/status), in KiB."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     except OSError:

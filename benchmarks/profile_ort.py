@@ -11,19 +11,13 @@ overhead plus the Python side). The raw ORT trace (chrome://tracing format) is k
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from model.errors import ModelError, run_cli
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise ModelError(f"{message} (see --help)")
+from model.errors import CliParser, ModelError, run_cli
 
 
 def profile_decode(artifact: str, batch: int, prompt_len: int, steps: int, threads: int | None,
@@ -89,7 +83,7 @@ def profile_decode(artifact: str, batch: int, prompt_len: int, steps: int, threa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m benchmarks.profile_ort", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m benchmarks.profile_ort", description=__doc__.split("\n\n")[0])
     p.add_argument("--artifact", required=True, help="artifact folder written by python -m export.onnx")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=32)

@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.worker import ALL_BACKENDS
 from export.artifact import write_atomic
-from model.errors import ModelError, run_cli
+from model.errors import CliParser, ModelError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "out" / "bench"
@@ -49,11 +49,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line through run_cli instead of usage + exit
-        raise ModelError(f"{message} (see --help)")
-
-
 def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -65,7 +60,7 @@ def int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m benchmarks.run", description=__doc__,
+    p = CliParser(prog="python -m benchmarks.run", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model source (demo, HF folder or hub id, nanoGPT ckpt.pt, checkpoint folder); "
                                    "default: gpt2 (124M) shapes with seeded random weights")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.machine import proc_kb
 from benchmarks.stats import summarize
 from model.errors import ModelError
 
@@ -33,17 +34,6 @@ ALL_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "tensorr
 
 class Unavailable(Exception):
     """The backend cannot run on this machine (recorded as skipped, with the reason)."""
-
-
-def proc_status_kb(key: str) -> int | None:
-    """VmRSS / VmHWM (resident set, its high-water mark) of this process from /proc, in KiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def log(msg: str) -> None:
@@ -184,7 +174,7 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
 def measure(spec: dict) -> dict:
     name, seed = spec["backend"], spec["seed"]
     label = f"[{name}]"
-    rss_start_kb = proc_status_kb("VmHWM")
+    rss_start_kb = proc_kb("/proc/self/status", "VmHWM")
     t0 = time.perf_counter()
     run, obj, info = open_for_bench(spec)
     load_s = time.perf_counter() - t0
@@ -228,7 +218,7 @@ def measure(spec: dict) -> dict:
         decode[str(batch)] = {"tokens_per_s": summarize(rates), "batch": batch, "prompt_len": prompt_len,
                               "new_tokens": new_tokens}
 
-    peak_kb, base_kb = proc_status_kb("VmHWM"), rss_start_kb
+    peak_kb, base_kb = proc_kb("/proc/self/status", "VmHWM"), rss_start_kb
     memory = {"method": "VmHWM of the worker process (/proc/self/status): peak resident set size",
               "peak_rss_mb": peak_kb / 1024 if peak_kb else None,
               "rss_before_load_mb": base_kb / 1024 if base_kb else None,

@@ -10,7 +10,6 @@ decomposed one. The graph contract is in export/graph.py and the README.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from model.errors import ModelError, run_cli
+from model.errors import CliParser, ModelError, run_cli
 
 DEFAULT_OPSET = 23
 EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph
@@ -155,13 +154,8 @@ def _package_version() -> str:
         return "unknown"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one-line error through run_cli, not usage + exit
-        raise ModelError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="demo | HF folder or hub id | nanoGPT ckpt.pt | artifact folder")
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])

@@ -158,12 +158,11 @@ def report_ok(r: dict[str, Any]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """python -m export.parity DIR [--model SRC] [--cases N]: the statistical report for an existing artifact."""
-    import argparse
 
-    from model.errors import ModelError
+    from model.errors import CliParser, ModelError
     from model.load import load_model
 
-    p = argparse.ArgumentParser(prog="python -m export.parity", description=main.__doc__)
+    p = CliParser(prog="python -m export.parity", description=main.__doc__)
     p.add_argument("artifact")
     p.add_argument("--model", help="the fp32 reference (default: weights read back from the artifact; "
                                    "for a float16 artifact pass the original model)")

@@ -17,7 +17,6 @@ precision comes from the ONNX types; builder flags are looked up by name).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model.errors import ModelError, run_cli
+from model.errors import CliParser, ModelError, run_cli
 
 PLUGIN_GRAPH_FILE = "model.plugins.onnx"
 PLUGIN_GRAPH_DATA = "model.plugins.onnx.data"
@@ -229,13 +228,8 @@ def _plugin_op_names(plugins: tuple[str, ...]) -> list[str]:
     return [OPTION_NAMES[p] for p in plugins]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one-line error through run_cli
-        raise ModelError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m export.trt", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m export.trt", description=__doc__.split("\n\n")[0])
     p.add_argument("--onnx", required=True, metavar="DIR", help="export artifact folder (python -m export.onnx)")
     p.add_argument("--plugins", help="comma-separated: attention,gelu (default: both)")
     p.add_argument("--no-plugins", action="store_true", help="parse the artifact's graph with native importers")

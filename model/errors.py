@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -9,6 +10,13 @@ from typing import NoReturn
 
 class ModelError(Exception):
     """A user-facing problem (bad file, bad flag, missing dependency): message is one line."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose errors are a ModelError: run_cli prints one line instead of usage + exit 2."""
+
+    def error(self, message: str) -> None:
+        raise ModelError(f"{message} (see --help)")
 
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:

@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from model.errors import ModelError, run_cli
+from model.errors import CliParser, ModelError, run_cli
 from runtime.backend import Backend
 from runtime.backends import open_backend
-from runtime.generate import OneLineErrorParser
 from runtime.generation import GenerationResult, SamplingParams, context_limit, generate
 
 DEFAULT_OUT = Path("artifacts/demo")
@@ -67,8 +66,8 @@ def run_backend(backend: Backend, sample_tokens: int) -> tuple[GenerationResult,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineErrorParser(prog="python -m runtime.demo", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog="python -m runtime.demo", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="artifact folder to write; replaced if it exists (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from model.errors import ModelError, run_cli
+from model.errors import CliParser, ModelError, run_cli
 from runtime.backends import BACKENDS, open_backend
 from runtime.generation import GenerationResult, SamplingParams, generate, prepare_prompts
 
@@ -32,13 +32,8 @@ SAMPLE_SEPARATOR = "---------------"
 DEFAULTS = SamplingParams()  # the sampling defaults live in one place: SamplingParams
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line through run_cli instead of usage + message
-        raise ModelError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="python -m runtime.generate", description=__doc__,
+    p = CliParser(prog="python -m runtime.generate", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_SRC",
                    help="an artifact folder written by `python -m export.onnx`; for --backend torch also "

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import GPTConfig
-from model.errors import ModelError, run_cli
+from model.errors import CliParser, ModelError, run_cli
 from model.gpt import GPT
 from model.load import DEMO_DIR, save_checkpoint
 from model.tokenizer import char_tokenizer
@@ -29,7 +29,7 @@ DEMO_CONFIG = dict(n_layer=4, n_head=4, n_embd=192, block_size=128, bias=True, g
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/tinyshakespeare.txt", help="corpus (default: %(default)s)")
     p.add_argument("--out", default=str(DEMO_DIR), help="output folder (default: %(default)s)")
     p.add_argument("--iters", type=int, default=3000, help="optimizer steps (default: %(default)s)")
