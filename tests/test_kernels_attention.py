@@ -1,4 +1,4 @@
-"""The Triton attention kernels (prefill and decode, in-place KV cache) against the PyTorch
+"""The Triton attention kernel (its prefill and decode paths, in-place KV cache) against the PyTorch
 reference, run on CPU by Triton's interpreter (TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PREFILL = [
     (3, 2, 13, 0, 64, 16, torch.float16, [0, 4, 12]),     # left padding, a row with one real token
     (2, 1, 19, 6, 128, 40, torch.float32, [3, 0]),        # past present, head_dim 128
     (2, 2, 5, 21, 128, 27, torch.float16, [7, 0]),        # chunk after a long past, cache full
-    (1, 1, 1, 9, 64, 10, torch.float32, [2]),             # seq 1 through the prefill kernel
+    (1, 1, 2, 9, 64, 11, torch.float32, [2]),             # the shortest prefill: seq 2
 ]
 DECODE = [
     (2, 2, 1, 0, 64, 8, torch.float32, [0, 0]),           # first token, nothing in the cache
@@ -55,20 +55,21 @@ def _check(case, **launch):
 
 
 @pytest.mark.parametrize("case", PREFILL, ids=lambda c: f"B{c[0]}H{c[1]}S{c[2]}P{c[3]}D{c[4]}-{c[6]}")
-def test_prefill_kernel_matches_reference(case):
-    _check(case, force_prefill=True)
-
-
-@pytest.mark.parametrize("case", DECODE, ids=lambda c: f"B{c[0]}H{c[1]}P{c[3]}D{c[4]}-{c[6]}")
-def test_decode_kernel_matches_reference(case):
+def test_prefill_path_matches_reference(case):
     _check(case)
 
 
-def test_prefill_tiles_agree():
-    """Every advertised tactic (tile size) gives the same answer, so TensorRT may pick any."""
-    case = (2, 2, 23, 5, 64, 32, torch.float16, [0, 6])
-    for blocks in kernels.prefill_tactics(torch.float16, 64).values():
-        _check(case, blocks=blocks, force_prefill=True)
+@pytest.mark.parametrize("case", DECODE, ids=lambda c: f"B{c[0]}H{c[1]}P{c[3]}D{c[4]}-{c[6]}")
+def test_decode_path_matches_reference(case):
+    _check(case)
+
+
+@pytest.mark.parametrize("seq", [23, 1], ids=["prefill", "decode"])
+def test_every_tile_agrees(seq):
+    """Every advertised tactic (tile) gives the same answer on both paths, so TensorRT may pick any."""
+    case = (2, 2, seq, 5, 64, 32, torch.float16, [0, 6])
+    for tile in kernels.attention_tactics(torch.float16, 64).values():
+        _check(case, tile=tile)
 
 
 def test_kernel_writes_cache_then_decode_continues():

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def has_tensorrt() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+    try:
+        return importlib.util.find_spec("tensorrt") is not None
+    except ValueError:  # sys.modules holds benchmarks/trt_standin.py's stand-in, which has no spec
+        return False
 
 
 def gpu_reason() -> str | None:
@@ -31,15 +39,20 @@ requires_tensorrt = pytest.mark.skipif(tensorrt_reason() is not None, reason=ten
 def interpreted_kernels():
     """export.plugins.kernels with its @triton.jit kernels built for Triton's CPU interpreter.
 
-    TRITON_INTERPRET is read when @triton.jit decorates (and by Triton at launch), so it is set for
-    the rest of this test process and the module is reloaded if it was imported without it. Tests
-    that compile kernels for real (tests/test_kernels_aot.py, _gpu.py) run in subprocesses without it.
+    Triton reads TRITON_INTERPRET when @triton.jit decorates, its own library (tl.sum, tl.max, ...)
+    included, so a process either interprets every kernel or compiles every kernel. From this call on
+    this test process interprets; every test that compiles kernels (ahead-of-time PTX, register.py
+    through tensorrt.plugin, engine builds) runs in a fresh subprocess through run_compiled(), and
+    kernels.compile_kernel refuses interpreted kernels with a one-line reason.
     """
     import importlib
     import os
     import sys
 
     os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules and not _triton_interprets():
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set in this process: "
+                           "its library is compiled, so the interpreter cannot run kernels here")
     name = "export.plugins.kernels"
     module = sys.modules.get(name)
     if module is not None and getattr(module, "_interpreted", False):
@@ -47,3 +60,25 @@ def interpreted_kernels():
     module = importlib.reload(module) if module is not None else importlib.import_module(name)
     module._interpreted = True
     return module
+
+
+def _triton_interprets() -> bool:
+    import triton.language.standard as standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.sum, InterpretedFunction)
+
+
+def compiled_env() -> dict[str, str]:
+    """This process's environment without TRITON_INTERPRET: what a subprocess that compiles kernels gets."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def run_compiled(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `python *args` from the repository root in a process that compiles Triton kernels."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=compiled_env(), capture_output=True, text=True,
+                          timeout=timeout)

@@ -39,20 +39,43 @@ def _online_softmax_step(s, v, m_i, l_i, acc):
 
 
 @triton.jit
-def kv_attention_prefill_kernel(
+def kv_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, k_cache_in_ptr, v_cache_in_ptr,
+    n_head, seq_len, kv_len, max_seq,
+    out_ptr, k_cache_ptr, v_cache_ptr,
+    HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DECODE_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (batch * n_head, cdiv(seq_len, BLOCK_M)): batch * n_head on grid x (limit 2**31 - 1), query
+    tiles on grid y (limit 65535, and seq_len <= max_seq is small).
+
+    The decode path is chosen here, at run time, from the seq_len argument: an engine's plugin gets one
+    kernel for every optimization profile, and seq_len == 1 is known only when the step runs (README,
+    "Prefill and decode in one kernel").
+    """
+    pid_bh = tl.program_id(0).to(tl.int64)
+    if seq_len == 1:
+        _decode_attention(q_ptr, k_ptr, v_ptr, mask_ptr, k_cache_in_ptr, v_cache_in_ptr, pid_bh, n_head, kv_len,
+                          max_seq, out_ptr, k_cache_ptr, v_cache_ptr, HEAD_DIM, QK_SCALE, DECODE_BLOCK_N, BLOCK_D)
+    else:
+        _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, k_cache_in_ptr, v_cache_in_ptr, pid_bh, tl.program_id(1),
+                           n_head, seq_len, kv_len, max_seq, out_ptr, k_cache_ptr, v_cache_ptr,
+                           HEAD_DIM, QK_SCALE, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _prefill_attention(
+    q_ptr, k_ptr, v_ptr, mask_ptr, k_cache_in_ptr, v_cache_in_ptr, pid_bh, pid_m,
     n_head, seq_len, kv_len, max_seq,
     out_ptr, k_cache_ptr, v_cache_ptr,
     HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Flash-attention style: grid (cdiv(seq_len, BLOCK_M), batch * n_head).
+    """Flash-attention style over BLOCK_M queries of one (sequence, head).
 
     Past keys come from the cache (positions < past, written by earlier launches); this step's keys
     come straight from k/v, so no program reads a cache row another program of this launch writes.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_head
     past = kv_len - seq_len
     scale = QK_SCALE
@@ -113,14 +136,13 @@ def kv_attention_prefill_kernel(
 
 
 @triton.jit
-def kv_attention_decode_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, k_cache_in_ptr, v_cache_in_ptr,
+def _decode_attention(
+    q_ptr, k_ptr, v_ptr, mask_ptr, k_cache_in_ptr, v_cache_in_ptr, pid_bh,
     n_head, kv_len, max_seq,
     out_ptr, k_cache_ptr, v_cache_ptr,
     HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One new token per sequence: grid (batch * n_head,). A dot product per key, no tensor cores."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    """One new token of one (sequence, head): a dot product per key, no tensor cores."""
     b = pid_bh // n_head
     past = kv_len - 1
     scale = QK_SCALE
@@ -184,39 +206,51 @@ def bias_gelu_kernel(
     tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-# ---- block choices (shared by the launchers, the AOT compiler and the plugin tactics)
+# ---- tiles (shared by the launchers, the AOT compiler and the plugin tactics)
 
 @dataclass(frozen=True)
-class AttentionBlocks:
-    block_m: int = 64  # prefill only
-    block_n: int = 64
-    num_warps: int = 4
+class AttentionTile:
+    block_m: int  # prefill: queries per program
+    block_n: int  # prefill: keys per inner step
+    decode_block_n: int  # decode: keys per inner step
+    num_warps: int
 
 
 # Tiles are kept under 48 KiB of shared memory for head_dim <= 128 (what a kernel may use without
 # the launcher opting in to more, which TensorRT's AOT launch is not documented to do); fp32 tiles
 # are smaller because exact fp32 dots (input_precision="ieee") run on FMA units, not tensor cores.
-_T = AttentionBlocks
-_PREFILL_TILES = {  # (dtype, head_dim > 64) -> tactic id -> tile
-    (torch.float16, False): {1: _T(64, 64, 4), 2: _T(32, 64, 4), 3: _T(16, 32, 2)},
-    (torch.float16, True): {1: _T(64, 32, 4), 2: _T(32, 32, 4), 3: _T(16, 32, 2)},
-    (torch.float32, False): {1: _T(32, 32, 4), 2: _T(16, 32, 2)},
-    (torch.float32, True): {1: _T(16, 16, 2)},
+# One tactic = one tile for both paths: TensorRT may time a plugin per optimization profile, so the
+# decode profile can pick the tile whose decode path is fastest.
+_T = AttentionTile
+_ATTENTION_TILES = {  # (dtype, head_dim > 64) -> tactic id -> tile
+    (torch.float16, False): {1: _T(64, 64, 64, 4), 2: _T(32, 64, 128, 4), 3: _T(16, 32, 64, 2)},
+    (torch.float16, True): {1: _T(64, 32, 64, 4), 2: _T(32, 32, 64, 4), 3: _T(16, 32, 32, 2)},
+    (torch.float32, False): {1: _T(32, 32, 64, 4), 2: _T(16, 32, 128, 2)},
+    (torch.float32, True): {1: _T(16, 16, 32, 2)},
 }
 SHARED_MEMORY_LIMIT = 48 * 1024
+GRID_Y_LIMIT = 65535  # CUDA's limit on grid y and z; grid x allows 2**31 - 1
+GRID_X_LIMIT = 2**31 - 1
 
 
-def prefill_tactics(dtype: torch.dtype, head_dim: int) -> dict[int, AttentionBlocks]:
-    return _PREFILL_TILES[(dtype, head_dim > 64)]
+def attention_tactics(dtype: torch.dtype, head_dim: int) -> dict[int, AttentionTile]:
+    return _ATTENTION_TILES[(dtype, head_dim > 64)]
 
 
-DECODE_TACTICS = {1: _T(1, 64, 4), 2: _T(1, 128, 4)}
 GELU_TACTICS = {1: 1024, 2: 256}  # columns per program
 GELU_NUM_WARPS = 4
 
 
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
+
+
+def attention_grid(batch: int, n_head: int, seq: int, tile: AttentionTile) -> tuple[int, int]:
+    return batch * n_head, triton.cdiv(seq, tile.block_m)
+
+
+def gelu_grid(n_rows: int, n_cols: int, block: int) -> tuple[int, int]:
+    return n_rows, triton.cdiv(n_cols, block)
 
 
 # ---- PyTorch launchers (GPU, or CPU under TRITON_INTERPRET=1)
@@ -241,31 +275,34 @@ def _check_attention(q, k, v, attention_mask, k_cache, v_cache) -> tuple[int, in
 
 
 def kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: AttentionBlocks | None = None,
-                 force_prefill: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Write k, v into the caches in place and return attention [batch, n_head, seq, head_dim]."""
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, tile: AttentionTile | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Write k, v into the caches in place and return attention [batch, n_head, seq, head_dim].
+    seq == 1 runs the kernel's decode path, longer steps its prefill path."""
     B, H, S, D, L, M = _check_attention(q, k, v, attention_mask, k_cache, v_cache)
     out = torch.empty_like(q) if out is None else out
-    if S == 1 and not force_prefill:
-        blocks = blocks or DECODE_TACTICS[1]
-        kv_attention_decode_kernel[(B * H,)](
-            q, k, v, attention_mask, k_cache, v_cache, H, L, M, out, k_cache, v_cache,
-            HEAD_DIM=D, QK_SCALE=qk_scale(D), BLOCK_N=blocks.block_n, BLOCK_D=block_d(D), num_warps=blocks.num_warps)
-    else:
-        blocks = blocks or prefill_tactics(q.dtype, D)[1]
-        grid = (triton.cdiv(S, blocks.block_m), B * H)
-        kv_attention_prefill_kernel[grid](
-            q, k, v, attention_mask, k_cache, v_cache, H, S, L, M, out, k_cache, v_cache,
-            HEAD_DIM=D, QK_SCALE=qk_scale(D), BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=block_d(D),
-            num_warps=blocks.num_warps)
+    tile = tile or attention_tactics(q.dtype, D)[1]
+    kv_attention_kernel[attention_grid(B, H, S, tile)](
+        q, k, v, attention_mask, k_cache, v_cache, H, S, L, M, out, k_cache, v_cache,
+        **attention_constexprs(D, tile), num_warps=tile.num_warps)
     return out
+
+
+def attention_constexprs(head_dim: int, tile: AttentionTile) -> dict:
+    return dict(HEAD_DIM=head_dim, QK_SCALE=qk_scale(head_dim), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                DECODE_BLOCK_N=tile.decode_block_n, BLOCK_D=block_d(head_dim))
+
+
+def check_approximate(approximate: str) -> str:
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', not {approximate!r}")
+    return approximate
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh", block: int | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """gelu(x + bias) over the last axis; approximate "tanh" (GPT-2) or "none" (erf, nanoGPT)."""
-    if approximate not in ("tanh", "none"):
-        raise ValueError(f"approximate must be 'tanh' or 'none', not {approximate!r}")
+    check_approximate(approximate)
     n_cols = x.shape[-1]
     if bias.shape != (n_cols,):
         raise ValueError(f"bias shape {tuple(bias.shape)}, expected ({n_cols},)")
@@ -275,7 +312,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh", bl
     n_rows = x.numel() // n_cols
     block = block or min(GELU_TACTICS[1], triton.next_power_of_2(n_cols))
     if n_rows:
-        bias_gelu_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        bias_gelu_kernel[gelu_grid(n_rows, n_cols, block)](
             x, bias, n_cols, y, APPROX_TANH=approximate == "tanh", BLOCK=block, num_warps=GELU_NUM_WARPS)
     return y
 
@@ -283,46 +320,56 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh", bl
 # ---- ahead-of-time compilation (no GPU needed: an explicit target)
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16"}
+KERNEL_ARGS = {"attention": 6 + 4 + 3, "gelu": 2 + 1 + 1}  # pointers and int32 scalars, TensorRT's AOT order
+
+# The PTX ISA version pinned per compute capability: the lowest that every kernel, dtype and tile
+# assembles with (tests/test_kernels_aot.py checks each with NVIDIA's ptxas). The driver JIT-compiles
+# this PTX inside TensorRT, and a driver older than the PTX ISA rejects it (Triton would otherwise
+# emit the newest ISA its bundled ptxas knows: 8.8 for sm_80 and 9.4 for sm_90a with Triton 3.9).
+# Minimum driver per ISA: the CUDA release that introduced it (PTX ISA 8.x ships with CUDA 12.x).
+PTX_VERSIONS = {80: 70, 86: 71, 89: 78, 90: 80}
+PTX_MIN_DRIVER = {70: "450.36 (CUDA 11.0)", 71: "455.23 (CUDA 11.1)", 78: "520.61 (CUDA 11.8)",
+                  80: "525.60 (CUDA 12.0)"}
+
+
+def ptx_target(capability: int) -> dict[str, str]:
+    """What every PTX compiled for this compute capability declares; recorded in the engine manifest."""
+    if capability not in PTX_VERSIONS:
+        raise ValueError(f"no pinned PTX ISA for compute capability {capability // 10}.{capability % 10} "
+                         f"(known: {', '.join(f'{c // 10}.{c % 10}' for c in PTX_VERSIONS)}); "
+                         "add one to export/plugins/kernels.PTX_VERSIONS after checking it with ptxas")
+    version = PTX_VERSIONS[capability]
+    return {"version": f"{version // 10}.{version % 10}", "target": f"sm_{capability}{'a' if capability >= 90 else ''}",
+            "min_driver": PTX_MIN_DRIVER[version]}
 
 
 def compile_kernel(kind: str, dtype: torch.dtype, *, head_dim: int = 64, tactic: int = 1,
                    approximate: str = "tanh", target: tuple[int, int] | None = None):
-    """triton.compile one kernel for one dtype. kind: "prefill" | "decode" | "gelu".
+    """triton.compile one kernel for one dtype at the pinned PTX ISA. kind: "attention" | "gelu".
 
     target (compute capability, warp size), e.g. (90, 32); None = the GPU in this process.
     Returns Triton's CompiledKernel: .asm["ptx"], .metadata.name, .metadata.num_warps, .metadata.shared.
     """
     t = TRITON_TYPES[dtype]
-    if kind == "prefill":
-        blocks = prefill_tactics(dtype, head_dim)[tactic]
-        fn = kv_attention_prefill_kernel
-        scalars = ["n_head", "seq_len", "kv_len", "max_seq"]
-        constexprs = dict(HEAD_DIM=head_dim, QK_SCALE=qk_scale(head_dim), BLOCK_M=blocks.block_m,
-                          BLOCK_N=blocks.block_n, BLOCK_D=block_d(head_dim))
-    elif kind == "decode":
-        blocks = DECODE_TACTICS[tactic]
-        fn = kv_attention_decode_kernel
-        scalars = ["n_head", "kv_len", "max_seq"]
-        constexprs = dict(HEAD_DIM=head_dim, QK_SCALE=qk_scale(head_dim), BLOCK_N=blocks.block_n,
-                          BLOCK_D=block_d(head_dim))
+    if kind == "attention":
+        tile = attention_tactics(dtype, head_dim)[tactic]
+        fn = kv_attention_kernel
+        constexprs = attention_constexprs(head_dim, tile)
+        signature = {name: f"*{t}" for name in ("q_ptr", "k_ptr", "v_ptr")}
+        signature["mask_ptr"] = "*i32"
+        signature |= {"k_cache_in_ptr": f"*{t}", "v_cache_in_ptr": f"*{t}"}
+        signature |= {name: "i32" for name in ("n_head", "seq_len", "kv_len", "max_seq")}
+        signature |= {name: f"*{t}" for name in ("out_ptr", "k_cache_ptr", "v_cache_ptr")}
+        num_warps = tile.num_warps
     elif kind == "gelu":
         fn = bias_gelu_kernel
-        signature = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "n_cols": "i32", "y_ptr": f"*{t}",
-                     "APPROX_TANH": "constexpr", "BLOCK": "constexpr"}
-        constexprs = dict(APPROX_TANH=approximate == "tanh", BLOCK=GELU_TACTICS[tactic])
-        return _compile(fn, signature, constexprs, GELU_NUM_WARPS, target)
+        signature = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "n_cols": "i32", "y_ptr": f"*{t}"}
+        constexprs = dict(APPROX_TANH=check_approximate(approximate) == "tanh", BLOCK=GELU_TACTICS[tactic])
+        num_warps = GELU_NUM_WARPS
     else:
         raise ValueError(f"unknown kernel kind {kind!r}")
-    signature = {name: f"*{t}" for name in ("q_ptr", "k_ptr", "v_ptr")}
-    signature["mask_ptr"] = "*i32"
-    signature |= {"k_cache_in_ptr": f"*{t}", "v_cache_in_ptr": f"*{t}"}
-    signature |= {name: "i32" for name in scalars}
-    signature |= {name: f"*{t}" for name in ("out_ptr", "k_cache_ptr", "v_cache_ptr")}
     signature |= {name: "constexpr" for name in constexprs}
-    return _compile(fn, signature, constexprs, blocks.num_warps, target)
-
-
-KERNEL_ARGS = {"prefill": 6 + 4 + 3, "decode": 6 + 3 + 3, "gelu": 2 + 1 + 1}  # pointers and int32 scalars
+    return _compile(fn, signature, constexprs, num_warps, target)
 
 
 def ptx_for_tensorrt(ptx: str, kind: str) -> str:
@@ -346,14 +393,37 @@ def ptx_for_tensorrt(ptx: str, kind: str) -> str:
     return ptx[:entry.start(2)] + body + ptx[entry.end(2):]
 
 
+def ptx_header(ptx: str) -> dict[str, str]:
+    """The .version and .target a PTX module declares."""
+    version = re.search(r"^\s*\.version (\S+)", ptx, re.M)
+    target = re.search(r"^\s*\.target (\w+)", ptx, re.M)
+    return {"version": version.group(1) if version else "", "target": target.group(1) if target else ""}
+
+
 def _compile(fn, signature: dict[str, str], constexprs: dict, num_warps: int, target: tuple[int, int] | None):
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    options = {"num_warps": num_warps}
+    if not hasattr(fn, "cache_key"):  # an InterpretedFunction: TRITON_INTERPRET=1 was set at import
+        raise RuntimeError("the Triton kernels were imported under TRITON_INTERPRET=1: they cannot be compiled; "
+                           "unset TRITON_INTERPRET (tests/trt_helpers.interpreted_kernels loads a separate copy)")
     if target is None:
-        return triton.compile(src, options=options)
-    return triton.compile(src, target=GPUTarget("cuda", target[0], target[1]), options=options)
+        target = _active_target()
+    wanted = ptx_target(target[0])
+    options = {"num_warps": num_warps, "ptx_version": PTX_VERSIONS[target[0]]}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", target[0], target[1]), options=options)
+    got = ptx_header(compiled.asm["ptx"])
+    if (got["version"], got["target"]) != (wanted["version"], wanted["target"]):
+        raise RuntimeError(f"{fn.__name__}: PTX declares .version {got['version']} .target {got['target']}, "
+                           f"expected {wanted['version']} {wanted['target']} (Triton ignored ptx_version?)")
+    return compiled
+
+
+def _active_target() -> tuple[int, int]:
+    t = triton.runtime.driver.active.get_current_target()
+    if t.backend != "cuda":
+        raise RuntimeError(f"ahead-of-time PTX needs an NVIDIA GPU target, this process has {t.backend}")
+    return int(t.arch), int(t.warp_size)
 
 
 def qk_scale(head_dim: int) -> float:
