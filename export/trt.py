@@ -125,6 +125,32 @@ def require_tensorrt_and_gpu():
     return trt
 
 
+def plugin_manifest(capability: int) -> dict[str, Any]:
+    """The manifest's record of the plugin kernels: the PTX ISA and target every embedded kernel declares
+    (export/plugins/kernels.py pins them) and the oldest driver that can JIT-compile that PTX."""
+    from export.plugins import kernels
+
+    try:
+        return {"ptx": kernels.ptx_target(capability)}
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+
+
+def check_plugin_grids(config: Any, max_batch: int, max_seq_len: int) -> None:
+    """Refuse an engine whose largest step would launch a plugin grid over CUDA's limits."""
+    import torch
+
+    from export.plugins import kernels
+
+    for dtype in (torch.float16, torch.float32):
+        for tactic, tile in kernels.attention_tactics(dtype, config.head_dim).items():
+            grid_x, grid_y = kernels.attention_grid(max_batch, config.n_head, max_seq_len, tile)
+            if grid_x > kernels.GRID_X_LIMIT or grid_y > kernels.GRID_Y_LIMIT:
+                raise ModelError(f"--max-batch {max_batch} x {config.n_head} heads x --max-seq-len {max_seq_len}: "
+                                 f"the attention grid ({grid_x}, {grid_y}) of tactic {tactic} exceeds CUDA's limits "
+                                 f"({kernels.GRID_X_LIMIT}, {kernels.GRID_Y_LIMIT}); lower them")
+
+
 def gpu_identity() -> dict[str, Any]:
     import torch
 
@@ -146,11 +172,19 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
         raise ModelError(f"--max-seq-len {max_seq_len} is out of range (2..{limit}, the artifact's max_seq_len)")
     if not 1 <= max_batch <= 4096:
         raise ModelError(f"--max-batch {max_batch} is out of range (1..4096)")
+    if "attention" in plugins:
+        check_plugin_grids(art.config, max_batch, max_seq_len)
     trt = require_tensorrt_and_gpu()
     t0 = time.perf_counter()
     variant = "plugins" if plugins else "native"
+    kernels_record = {}
     if plugins:
+        import torch
+
         import export.plugins.register  # noqa: F401 - registers the plugin creators before parsing
+
+        major, minor = torch.cuda.get_device_capability()
+        kernels_record = plugin_manifest(10 * major + minor)
 
         onnx_path = write_plugin_graph(artifact_dir, plugins)
         log(f"[graph] {onnx_path.name}: plugins {', '.join(plugins)}")
@@ -173,11 +207,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
         config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
     if not tf32 and hasattr(trt.BuilderFlag, "TF32"):  # fp32 GEMMs exact, for the 1e-4 parity bound
         config.clear_flag(trt.BuilderFlag.TF32)
-    cache = None
-    if timing_cache is not None:
-        timing_cache = Path(timing_cache)
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = None if timing_cache is None else use_timing_cache(config, Path(timing_cache))
 
     shapes = profile_shapes(art.config, "attention" in plugins, max_batch, max_seq_len)
     input_names = {network.get_input(i).name for i in range(network.num_inputs)}
@@ -204,6 +234,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
         "plugins": list(plugins),
         "kv_cache": "static" if "attention" in plugins else "past_present",
         "plugin_ids": [f"gptdeploy::{n}" for n in _plugin_op_names(plugins)],
+        "plugin_kernels": kernels_record,
         "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
         "source_onnx": {"file": MODEL_FILE, "sha256": art.files[MODEL_FILE]},
         "plan": {"file": plan_name, "sha256": sha256_file(artifact_dir / plan_name)},
@@ -220,6 +251,16 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     log(f"[write] {plan_name} ({(artifact_dir / plan_name).stat().st_size / 1e6:.1f} MB), {manifest_name} "
         f"in {manifest['build_seconds']}s")
     return artifact_dir / manifest_name
+
+
+def use_timing_cache(config: Any, path: Path) -> Any:
+    """Create the builder's timing cache from `path` (empty if absent) and set it; returns the cache."""
+    cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+    # IBuilderConfig::setTimingCache reports a rejected cache by returning false (NvInfer.h), not by raising
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise ModelError(f"{path}: TensorRT refused this timing cache (another GPU or TensorRT version?); "
+                         "delete it to start a new one")
+    return cache
 
 
 def _plugin_op_names(plugins: tuple[str, ...]) -> list[str]:

@@ -12,7 +12,11 @@ optimization profile (0 = prefill, 1 = decode), so no profile switch happens bet
   past (prefill) still gets a real, non-null address.
 
 The manifest written with the plan must name this process's TensorRT version and GPU, else the
-engine is refused with a one-line error. Written against the documented API; not run here.
+engine is refused with a one-line error. Every call whose failure the Python bindings report by a
+return value is checked, every engine I/O tensor must have an address before execute_async_v3, and
+the input copies wait for the caller's stream. Written against the documented API and
+python/src/infer/pyCore.cpp; tests/test_trt_backend_calls.py checks the calls against a stand-in
+engine (not TensorRT); it has not run with TensorRT here.
 """
 
 from __future__ import annotations
@@ -68,12 +72,9 @@ class TensorRTBackend:
         if self.engine is None:
             raise ModelError(f"{plan_path}: TensorRT could not deserialize the engine")
         self.stream = torch.cuda.Stream()
-        self.contexts = {}
-        for phase in (PREFILL, DECODE):
-            ctx = self.engine.create_execution_context()
-            if not ctx.set_optimization_profile_async(phase, self.stream.cuda_stream):
-                raise ModelError(f"{plan_path}: engine has no optimization profile {phase}")
-            self.contexts[phase] = ctx
+        self.contexts = {phase: create_context(self.engine, phase, self.stream.cuda_stream, plan_path)
+                         for phase in (PREFILL, DECODE)}
+        self.io_names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._prefill, self._decode = PREFILL, DECODE
         self.batch = 0
         self.cache_len = 0
@@ -133,6 +134,18 @@ class TensorRTBackend:
         if attention_mask.shape != (B, P + S):
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected {(B, P + S)}")
         ctx = self.contexts[phase]
+        bound: set[str] = set()
+
+        def bind(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+            # both return False on a bad name or shape rather than raising (python/src/infer/pyCore.cpp)
+            if shape is not None and not ctx.set_input_shape(name, shape):
+                raise RuntimeError(f"TensorRT refused shape {shape} for {name} (outside the engine's profile?)")
+            if not ctx.set_tensor_address(name, t.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of {name} (not an I/O tensor of this engine?)")
+            bound.add(name)
+
+        # the caller produced the inputs on its own stream: order the copies after that work
+        self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             ids = self._ids[:B * S].view(B, S)
             mask = self._mask[:B * (P + S)].view(B, P + S)
@@ -141,22 +154,22 @@ class TensorRTBackend:
             mask.copy_(attention_mask, non_blocking=True)
             pos.copy_(position_ids, non_blocking=True)
             for name, t in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
-                ctx.set_input_shape(name, tuple(t.shape))
-                ctx.set_tensor_address(name, t.data_ptr())
+                bind(name, t, tuple(t.shape))
             if self.static_cache:
                 for name, t in self._cache.items():
-                    ctx.set_input_shape(name, tuple(t.shape))
-                    ctx.set_tensor_address(name, t.data_ptr())
-                    ctx.set_tensor_address(name.replace("cache.", "cache_out.", 1), t.data_ptr())  # aliased
+                    bind(name, t, tuple(t.shape))
+                    bind(name.replace("cache.", "cache_out.", 1), t)  # aliased: the same buffer
             else:
                 past, present = self._kv[self._current], self._kv[1 - self._current]
                 for key, buf in past.items():
-                    ctx.set_input_shape(f"past_key_values.{key}", (B, c.n_head, P, c.head_dim))
-                    ctx.set_tensor_address(f"past_key_values.{key}", buf.data_ptr())
-                    ctx.set_tensor_address(f"present.{key}", present[key].data_ptr())
+                    bind(f"past_key_values.{key}", buf, (B, c.n_head, P, c.head_dim))
+                    bind(f"present.{key}", present[key])
             logits_shape = tuple(ctx.get_tensor_shape("logits"))
             logits = self._logits[:_numel(logits_shape)].view(logits_shape)
-            ctx.set_tensor_address("logits", logits.data_ptr())
+            bind("logits", logits)
+            missing = [n for n in self.io_names if n not in bound]
+            if missing:
+                raise RuntimeError(f"no address bound for engine I/O {missing}: the engine does not match this backend")
             if not ctx.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         self.stream.synchronize()
@@ -164,6 +177,21 @@ class TensorRTBackend:
             self._current = 1 - self._current
         self.cache_len = P + S
         return logits[:, -1, :].clone()  # the buffer is reused by the next step
+
+
+def create_context(engine, profile: int, stream: int, plan_path: Path):
+    """An execution context on optimization profile `profile`. The Python binding of
+    set_optimization_profile_async raises RuntimeError on failure and otherwise returns True
+    (python/src/infer/pyCore.cpp, PY_ASSERT_RUNTIME_ERROR), so its result is not the test."""
+    ctx = engine.create_execution_context()
+    if ctx is None:
+        raise ModelError(f"{plan_path}: TensorRT could not create an execution context (out of GPU memory?)")
+    try:
+        ctx.set_optimization_profile_async(profile, stream)
+    except RuntimeError as e:
+        raise ModelError(f"{plan_path}: cannot select optimization profile {profile} "
+                         f"(the engine has {engine.num_optimization_profiles}): {e}") from None
+    return ctx
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -1,20 +1,17 @@
 """Ahead-of-time compilation of every plugin kernel to PTX for sm_80 and sm_90, without a GPU.
 
 This is what TensorRT's @trtp.aot_impl embeds in an engine. It runs in a subprocess because the
-interpreter tests set TRITON_INTERPRET=1, which turns @triton.jit kernels into Python functions.
+interpreter tests make this process an interpreter process (tests/trt_helpers.interpreted_kernels).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.trt_helpers import run_compiled
+
 SHARED_MEMORY_LIMIT = 48 * 1024  # export/plugins/kernels.py keeps every tile under it
 
 COMPILE_ALL = r"""
@@ -32,10 +29,9 @@ def assembles(ptx, arch):  # the PTX handed to TensorRT, checked by NVIDIA's ass
 rows = []
 for cc in (80, 90):
     for dtype in (torch.float16, torch.float32):
-        for kind, head_dims in (("prefill", (64, 128)), ("decode", (64, 128)), ("gelu", (None,))):
+        for kind, head_dims in (("attention", (64, 128)), ("gelu", (None,))):
             for hd in head_dims:
-                tactics = (K.prefill_tactics(dtype, hd) if kind == "prefill" else
-                           K.DECODE_TACTICS if kind == "decode" else K.GELU_TACTICS)
+                tactics = K.attention_tactics(dtype, hd) if kind == "attention" else K.GELU_TACTICS
                 for tactic in tactics:
                     if kind != "gelu" and tactic > 1 and cc == 90:
                         continue  # every tile on sm_80, the default tile on sm_90: keeps the test short
@@ -45,7 +41,7 @@ for cc in (80, 90):
                     arch = re.search(r"\.target (\w+)", ptx).group(1)
                     rows.append(dict(trt_params=len(re.findall(r"^\s*\.param ", trt_ptx, re.M)),
                                      trt_assembles=assembles(trt_ptx, arch) if tactic == 1 else None,
-                                     ptx_version=re.search(r"\.version (\S+)", ptx).group(1),
+                                     header=K.ptx_header(ptx), trt_header=K.ptx_header(trt_ptx),
                                      cc=cc, dtype=str(dtype), kind=kind, head_dim=hd, tactic=tactic,
                                      name=c.metadata.name, target=re.search(r"\.target (\w+)", ptx).group(1),
                                      entry=f".entry {c.metadata.name}(" in ptx, num_warps=c.metadata.num_warps,
@@ -58,17 +54,14 @@ json.dump(rows, sys.stdout)
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", COMPILE_ALL], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = run_compiled(["-c", COMPILE_ALL])
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
 
 # kernel parameters in TensorRT's AOT order (inputs, int32 scalars, outputs), plus the two scratch
 # pointers Triton 3.x appends to every kernel
-EXPECTED_PARAMS = {"prefill": 6 + 4 + 3 + 2, "decode": 6 + 3 + 3 + 2, "gelu": 2 + 1 + 1 + 2}
+EXPECTED_PARAMS = {"attention": 6 + 4 + 3 + 2, "gelu": 2 + 1 + 1 + 2}
 
 
 def test_ptx_for_sm80_and_sm90(compiled):
@@ -77,6 +70,17 @@ def test_ptx_for_sm80_and_sm90(compiled):
     for r in compiled:
         assert r["entry"], r
         assert r["n_params"] == EXPECTED_PARAMS[r["kind"]], r
+
+
+def test_ptx_declares_the_pinned_isa_the_manifest_records(compiled):
+    """Not Triton's newest ISA (9.4 for sm_90a with Triton 3.9, which a CUDA 13.0 driver cannot JIT): the
+    pinned one, the lowest that knows the target, as written into the engine manifest."""
+    from export.trt import plugin_manifest
+
+    for r in compiled:
+        recorded = plugin_manifest(r["cc"])["ptx"]
+        assert r["header"] == r["trt_header"] == {"version": recorded["version"], "target": recorded["target"]}, r
+    assert {r["header"]["version"] for r in compiled} == {"7.0", "8.0"}
 
 
 def test_tensorrt_ptx_has_exactly_the_aot_arguments(compiled):
@@ -96,5 +100,16 @@ def test_kernels_fit_a_plain_launch(compiled):
 
 
 def test_fp16_prefill_uses_tensor_cores(compiled):
-    fp16_prefill = [r for r in compiled if r["kind"] == "prefill" and r["dtype"] == "torch.float16"]
+    fp16_prefill = [r for r in compiled if r["kind"] == "attention" and r["dtype"] == "torch.float16"]
     assert fp16_prefill and all(r["mma"] for r in fp16_prefill)
+
+
+def test_an_interpreter_process_refuses_to_compile_with_the_reason():
+    """Compiling interpreted kernels fails in triton.compile with "'InterpretedFunction' object has no
+    attribute 'cache_key'"; kernels.compile_kernel names the cause instead."""
+    import torch
+
+    from tests.trt_helpers import interpreted_kernels
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        interpreted_kernels().compile_kernel("gelu", torch.float32, target=(90, 32))

@@ -1,77 +1,20 @@
-"""TensorRT engines (with and without plugins) against PyTorch: fp32 logits within 1e-4, fp16 within
-the stated bound, greedy tokens identical. Needs TensorRT and an NVIDIA GPU; skipped elsewhere."""
+"""The TensorRT engine checks (tests/trt_engine_checks.py), run in a process that compiles Triton kernels.
+
+A full pytest run imports the interpreter tests, which make this process interpret every Triton
+kernel (TRITON_INTERPRET=1 is read when @triton.jit decorates, Triton's own library included); a
+plugin engine built here would hand register.py interpreted kernels, and triton.compile fails on
+them. So the engine checks run in a fresh process; without TensorRT they skip there, except the
+check that the process compiles kernels.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import pytest
-import torch
-
-from tests.trt_helpers import requires_tensorrt
-
-pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu, requires_tensorrt]
-
-FP32_MAX_ABS_DIFF = 1e-4
-FP16_MAX_ABS_DIFF = 5e-2
-DECODE_STEPS = 16
+from tests.trt_helpers import run_compiled, tensorrt_reason
 
 
-def quiet(_: str) -> None:
-    pass
-
-
-@pytest.fixture(scope="module")
-def model():
-    from model.config import GPTConfig
-    from model.gpt import GPT
-
-    torch.manual_seed(0)
-    return GPT(GPTConfig.preset("tiny", gelu="tanh")).eval()
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, model) -> dict[str, Path]:
-    from export.onnx import export_artifact
-    from model.load import save_checkpoint
-    from model.tokenizer import char_tokenizer
-
-    root = tmp_path_factory.mktemp("trt_engine")
-    save_checkpoint(model, char_tokenizer([chr(c) for c in range(32, 122)]), root / "src")
-    out = {}
-    for dtype in ("float32", "float16"):
-        export_artifact(root / "src", root / dtype, dtype=dtype, max_seq_len=64, verify=False, log=quiet)
-        out[dtype] = root / dtype
-    return out
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("plugins", [("attention", "gelu"), ()], ids=["plugins", "native"])
-def test_engine_matches_pytorch(artifacts, model, dtype, plugins):
-    from export.parity import verify_decode
-    from export.trt import build_engine
-    from runtime.trt_backend import TensorRTBackend
-
-    manifest = build_engine(artifacts[dtype], plugins, max_batch=4, max_seq_len=64, log=quiet)
-    info = json.loads(manifest.read_text())
-    assert info["plugins"] == list(plugins) and info["gpu"]["name"] == torch.cuda.get_device_name()
-    backend = TensorRTBackend(artifacts[dtype], variant="plugins" if plugins else "native")
-    result = verify_decode(model, backend, n_vocab=90, steps=DECODE_STEPS)
-    bound = FP32_MAX_ABS_DIFF if dtype == "float32" else FP16_MAX_ABS_DIFF
-    assert result["nan"] == 0 and result["max_abs_diff"] <= bound, result
-    if dtype == "float32":
-        assert result["greedy_identical"], result
-
-
-def test_engine_from_another_tensorrt_is_refused(artifacts):
-    from export.trt import build_engine
-    from model.errors import ModelError
-    from runtime.trt_backend import TensorRTBackend
-
-    manifest = build_engine(artifacts["float32"], ("attention", "gelu"), max_batch=2, max_seq_len=32, log=quiet)
-    info = json.loads(manifest.read_text())
-    info["tensorrt"] = "0.0.0"
-    manifest.write_text(json.dumps(info))
-    with pytest.raises(ModelError, match="TensorRT 0.0.0"):
-        TensorRTBackend(artifacts["float32"], variant="plugins")
+def test_engine_checks_in_a_compiling_process():
+    proc = run_compiled(["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/trt_engine_checks.py"],
+                        timeout=3000)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    if tensorrt_reason() is not None:
+        assert "1 passed" in proc.stdout and "skipped" in proc.stdout, proc.stdout[-2000:]
