@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# The prepared GPU check: the machine's own python3 (no venv, no installs); report in $(OUT).
+OUT ?= out/gpu-check
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.gpu_check --out $(OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

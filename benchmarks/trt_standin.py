@@ -546,3 +546,48 @@ def build_plugin(node, inputs: list[Input], profile: dict[str, tuple[int, int, i
             built.append(Kernel(types_, tactic, name.decode() if isinstance(name, bytes) else name,
                                 ptx.decode() if isinstance(ptx, bytes) else ptx, launch, args))
     return PluginBuild(plugin, interfaces, output_types, output_dims, aliased, combinations, tactics, built)
+
+
+# ---- the plugin nodes and their inputs, as the graph pass writes them
+
+def graph_plugin_nodes(approximate: str = "tanh"):
+    """(kv_attention node, bias_gelu node) from the plugin graph of a tiny model (export/plugins/graph.py)."""
+    import torch
+
+    from export.graph import build_gpt_graph
+    from export.plugins.graph import plugin_nodes, to_plugin_graph
+    from model.config import GPTConfig
+    from model.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", gelu="erf" if approximate == "none" else approximate)).eval()
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    graph = to_plugin_graph(build_gpt_graph(model.config, state, graph="fused", dtype="float32", opset=23))
+    nodes = plugin_nodes(graph)
+    return next(n for n in nodes if n.op_type == "kv_attention"), next(n for n in nodes if n.op_type == "bias_gelu")
+
+
+def with_attribute(node, name: str, value):
+    """A copy of an ONNX node with one attribute set."""
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for a in copy.attribute:
+        if a.name == name:
+            copy.attribute.remove(a)
+            break
+    copy.attribute.append(onnx.helper.make_attribute(name, value))
+    return copy
+
+
+def attention_inputs(dtype: DataType, n_head: int, head_dim: int) -> list[Input]:
+    """q, k, v [batch, n_head, seq, head_dim], mask [batch, kv_len] int32, caches [batch, n_head, max_seq, head_dim]."""
+    new = Input(dtype, ("batch", n_head, "seq", head_dim))
+    cache = Input(dtype, ("batch", n_head, "max_seq", head_dim))
+    return [new, new, new, Input(DataType.INT32, ("batch", "kv_len")), cache, cache]
+
+
+def gelu_inputs(dtype: DataType, width: int) -> list[Input]:
+    """x [rows, width] (the c_fc Gemm's output), bias [width]."""
+    return [Input(dtype, ("rows", width)), Input(dtype, (width,))]

@@ -35,8 +35,9 @@ class TorchBackend:
         if not self.k_cache or self.k_cache[0].shape[0] != batch_size or self.k_cache[0].shape[2] < max_seq_len:
             shape = (batch_size, c.n_head, max_seq_len, c.head_dim)
             self.k_cache = self.v_cache = []  # free the old cache before allocating the new one
-            self.k_cache = [torch.zeros(shape, device=self.device) for _ in range(c.n_layer)]
-            self.v_cache = [torch.zeros(shape, device=self.device) for _ in range(c.n_layer)]
+            dtype = self.model.lm_head.weight.dtype  # the model's dtype: SDPA needs q, k, v alike
+            self.k_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.n_layer)]
+            self.v_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.n_layer)]
         self.cache_len = 0
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -25,42 +25,6 @@ SHAPES = dict(batch=2, n_head=3, seq=37, past=5, head_dim=64, max_seq=48)
 LIMIT_SHAPES = dict(n_head=16, head_dim=64, max_batch=4096, max_seq=1024)
 
 
-def plugin_nodes():
-    import torch
-
-    from export.graph import build_gpt_graph
-    from export.plugins.graph import plugin_nodes as find
-    from export.plugins.graph import to_plugin_graph
-    from model.config import GPTConfig
-    from model.gpt import GPT
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("tiny", gelu="tanh")).eval()
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    graph = to_plugin_graph(build_gpt_graph(model.config, state, graph="fused", dtype="float32", opset=23))
-    nodes = find(graph)
-    return next(n for n in nodes if n.op_type == "kv_attention"), next(n for n in nodes if n.op_type == "bias_gelu")
-
-
-def attention_inputs(S, dtype, n_head: int, head_dim: int):
-    shape = ("batch", n_head, "seq", head_dim)
-    cache = ("batch", n_head, "max_seq", head_dim)
-    return [S.Input(dtype, shape)] * 3 + [S.Input(S.DataType.INT32, ("batch", "kv_len"))] + [S.Input(dtype, cache)] * 2
-
-
-def with_attribute(node, name, value):
-    import onnx
-
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    for a in copy.attribute:
-        if a.name == name:
-            copy.attribute.remove(a)
-            break
-    copy.attribute.append(onnx.helper.make_attribute(name, value))
-    return copy
-
-
 def n_params(ptx: str) -> int:
     entry = re.search(r"\.entry \w+\((.*?)\)", ptx, re.S)
     return len(re.findall(r"\.param ", entry.group(1))) if entry else -1
@@ -87,14 +51,14 @@ def main() -> int:
     kernels._active_target = lambda: (a.target, 32)  # no GPU here: TensorRT would compile for the build GPU
     import export.plugins.register as R  # NVIDIA's validators check every decorated function here
 
-    attention, gelu = plugin_nodes()
+    attention, gelu = S.graph_plugin_nodes()
     B, H, T, P, D, M = (SHAPES[k] for k in ("batch", "n_head", "seq", "past", "head_dim", "max_seq"))
     out: dict = {"trtp_file": trtp.__file__, "registered": sorted(trtp._lib.QDP_REGISTRY)}
     profile = {"batch": (1, B, B), "seq": (1, T, M), "kv_len": (1, T, M), "max_seq": (M, M, M)}
     cases = {"prefill": dict(batch=B, seq=T, kv_len=P + T, max_seq=M),
              "decode": dict(batch=B, seq=1, kv_len=P + 1, max_seq=M)}
     for dtype in (S.DataType.HALF, S.DataType.FLOAT):
-        build = S.build_plugin(attention, attention_inputs(S, dtype, H, D), profile)
+        build = S.build_plugin(attention, S.attention_inputs(dtype, H, D), profile)
         out[f"attention_{dtype.name}"] = {
             "interfaces": build.interfaces, "output_types": [t.name for t in build.output_types],
             "aliased": build.aliased, "combinations": [list(c) for c in build.combinations],
@@ -103,7 +67,7 @@ def main() -> int:
 
     # the grid limits at the largest engine export/trt.py allows
     L = LIMIT_SHAPES
-    big = S.build_plugin(attention, attention_inputs(S, S.DataType.HALF, L["n_head"], L["head_dim"]),
+    big = S.build_plugin(attention, S.attention_inputs(S.DataType.HALF, L["n_head"], L["head_dim"]),
                          {"batch": (1, 1, L["max_batch"]), "seq": (1, 1, L["max_seq"]),
                           "kv_len": (1, 1, L["max_seq"]), "max_seq": (L["max_seq"],) * 3})
     worst = dict(batch=L["max_batch"], seq=L["max_seq"], kv_len=L["max_seq"], max_seq=L["max_seq"])
@@ -111,9 +75,9 @@ def main() -> int:
 
     rows = {"rows": (1, B * T, B * M)}
     for approximate in ("tanh", "none"):
-        node = with_attribute(gelu, "approximate", approximate)
+        node = S.with_attribute(gelu, "approximate", approximate)
         for dtype in (S.DataType.HALF, S.DataType.FLOAT):
-            build = S.build_plugin(node, [S.Input(dtype, ("rows", 256)), S.Input(dtype, (256,))], rows)
+            build = S.build_plugin(node, S.gelu_inputs(dtype, 256), rows)
             torch_dtype = R.TORCH_DTYPES[dtype]
             records = []
             for k in build.kernels:
@@ -128,8 +92,7 @@ def main() -> int:
                 "tactics": {",".join(k): v for k, v in build.tactics.items()}, "kernels": records}
 
     # the JIT path (aot=0): NVIDIA's enqueue calls register.py's impl with the attribute as created
-    node = with_attribute(gelu, "aot", 0)
-    jit = S.build_plugin(node, [S.Input(S.DataType.FLOAT, ("rows", 256)), S.Input(S.DataType.FLOAT, (256,))], rows)
+    jit = S.build_plugin(S.with_attribute(gelu, "aot", 0), S.gelu_inputs(S.DataType.FLOAT, 256), rows)
     out["gelu_jit"] = {"interfaces": jit.interfaces, "attrs": {k: repr(v) for k, v in jit.plugin.attrs.items()},
                        "approximate_seen_by_impl": jit_impl_approximate(R, S, jit.plugin)}
     print(json.dumps(out))

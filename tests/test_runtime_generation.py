@@ -75,6 +75,17 @@ def test_torch_backend_matches_reference_forward(pads, variant):
     assert max(diffs) <= CACHE_ATOL
 
 
+
+@torch.inference_mode()
+def test_torch_backend_runs_a_half_precision_model():
+    """The cache takes the model's dtype (a float32 cache under an fp16 model fails in SDPA); the GPU
+    check runs this backend in fp16 on CUDA."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=len(CHARS))).eval()
+    backend = TorchBackend(model.half(), char_tokenizer(CHARS))
+    result = generate(backend, [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, greedy=True))
+    assert backend.k_cache[0].dtype == torch.float16 and all(len(t) == 4 for t in result.tokens)
+
 def test_greedy_matches_transformers_generate(tmp_path):
     """A reference nobody here wrote: HF GPT2LMHeadModel.generate on a left-padded batch."""
     from transformers import GPT2LMHeadModel

@@ -1,0 +1,90 @@
+"""benchmarks/gpu_check.py and benchmarks/cuda_launch.py on CPU: the no-GPU path, the run-everything
+report logic, and the driver-API argument packing against the real ahead-of-time PTX."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.trt_helpers import ROOT, run_compiled
+
+AOT_PTX = r"""
+import json, torch
+from export.plugins import kernels as K
+out = {}
+for kind in ("attention", "gelu"):
+    c = K.compile_kernel(kind, torch.float16, target=(90, 32))
+    out[kind] = {"name": c.metadata.name, "ptx": K.ptx_for_tensorrt(c.asm["ptx"], kind)}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def aot_ptx() -> dict:
+    proc = run_compiled(["-c", AOT_PTX])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_without_a_gpu_it_prints_the_plan_and_exits_0(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "r")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for section in ("environment", "triton_jit", "aot_ptx_driver", "torch_backend", "tensorrt"):
+        assert f"  {section}: " in proc.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks import gpu_check
+
+    def broken(ctx):
+        raise ValueError("kernel over its bound")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "SECTIONS", [
+        ("first", broken, "fails"),
+        ("second", lambda ctx: {"summary": "fine", "rows": [{"case": "a", "err": 1e-6, "ok": True}]}, "passes"),
+        ("third", lambda ctx: {"status": "skipped", "summary": "no TensorRT"}, "skips"),
+    ])
+    assert gpu_check.main(["--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["status"] for s in report["sections"].values()] == ["failed", "ok", "skipped"]
+    assert "kernel over its bound" in report["sections"]["first"]["traceback"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| first | failed |" in md and "ValueError: kernel over its bound" in md and "| a | 1e-06 | True |" in md
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_unknown_section_is_refused(capsys):
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--sections", "environment,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_arguments_are_packed_in_tensorrt_order_as_the_ptx_declares(aot_ptx):
+    from benchmarks.cuda_launch import pack_args, ptx_params
+
+    attention = aot_ptx["attention"]["ptx"]
+    assert ptx_params(attention) == [".u64"] * 6 + [".u32"] * 4 + [".u64"] * 3
+    inputs, scalars, outputs = [0x1000 + 8 * i for i in range(6)], [12, 37, 42, 512], [0x9000, 0x1020, 0x1028]
+    args = pack_args(attention, inputs, scalars, outputs)
+    assert args.read() == inputs + scalars + outputs
+    assert [type(v) for v in args.values] == [ctypes.c_uint64] * 6 + [ctypes.c_int32] * 4 + [ctypes.c_uint64] * 3
+    assert ctypes.c_void_p.from_address(args.address).value == ctypes.addressof(args.values[0])
+
+    gelu = aot_ptx["gelu"]["ptx"]
+    assert pack_args(gelu, [1, 2], [3072], [3]).read() == [1, 2, 3072, 3]
+    with pytest.raises(ValueError, match="declares 4 parameters, the launch passes 5"):
+        pack_args(gelu, [1, 2], [3072, 1], [3])
+    with pytest.raises(ValueError, match="parameter 2: a pointer is passed"):
+        pack_args(gelu, [1, 2, 3], [], [4])
+    with pytest.raises(ValueError, match="does not fit an int32"):
+        pack_args(gelu, [1, 2], [2**31], [3])
