@@ -114,7 +114,8 @@ class Loaded:
 
 def load(ptx: str, name: str) -> Loaded:
     cu = driver()
-    module = check(cu.cuModuleLoadData(ptx.encode() + b"\0"))
+    image = ctypes.create_string_buffer(ptx.encode())  # NUL-terminated, as cuModuleLoadData reads PTX
+    module = check(cu.cuModuleLoadData(ctypes.addressof(image)))
     return Loaded(module, check(cu.cuModuleGetFunction(module, name.encode())))
 
 

@@ -15,8 +15,9 @@ section so that a run cut short still leaves a report. Sections:
    for concrete shapes, and the exact PTX it returns (what export.trt embeds) loaded with
    cuModuleLoadData and launched with cuLaunchKernel using exactly the returned grid, block, shared
    memory and argument order, against the references: everything TensorRT does with the plugin
-   except TensorRT itself. Needs NVIDIA's plugin package: `pip install tensorrt-cu13-bindings`, or a
-   copy of a tensorrt_bindings folder at .venv/lib/python3*/site-packages/ or --trt-bindings;
+   except TensorRT itself. NVIDIA's package is looked for installed, at --trt-bindings / $GPTDEPLOY_TRT_BINDINGS,
+   or at .venv/lib/python3*/site-packages/tensorrt_bindings in this checkout; without it the minimal
+   stand-in benchmarks/qdp_minimal.py (checked against NVIDIA's package in CI) drives register.py;
 4. torch_backend: the torch backend on CUDA in fp32 and fp16, greedy tokens against the CPU fp32
    reference on the bundled demo model, and decode tokens/s (demo model, and GPT-2 124M shapes);
 5. tensorrt: engine build + parity + tokens/s where TensorRT is importable, else skipped with why.
@@ -155,8 +156,20 @@ def section_aot_ptx_driver(ctx: dict) -> dict:
         return {"status": "skipped", "summary": "a real TensorRT is installed: the tensorrt section builds engines"}
     try:
         S.load(ctx.get("trt_bindings"))
+        driven_by = f"NVIDIA's tensorrt.plugin from {S.find_bindings(ctx.get('trt_bindings'))}"
+        unload = S.unload
+
+        def build(node, inputs, profile):
+            return S.build_plugin(node, inputs, profile).kernels
     except ImportError as e:
-        return {"status": "skipped", "summary": str(e)}
+        from benchmarks import qdp_minimal as Q
+
+        Q.load()
+        driven_by = f"the minimal tensorrt.plugin stand-in (benchmarks/qdp_minimal.py; {e})"
+        unload = Q.unload
+
+        def build(node, inputs, profile):
+            return Q.build(node, inputs)
     try:
         import export.plugins.register as R  # noqa: F401 - NVIDIA's validators run here
 
@@ -173,8 +186,8 @@ def section_aot_ptx_driver(ctx: dict) -> dict:
                 key = (dtype, H, D)
                 if key not in built:
                     profile = {"batch": (1, B, 8), "seq": (1, 64, M), "kv_len": (1, 64, M), "max_seq": (M, M, M)}
-                    built[key] = S.build_plugin(attention, S.attention_inputs(dtype, H, D), profile)
-                for k in built[key].kernels:
+                    built[key] = build(attention, S.attention_inputs(dtype, H, D), profile)
+                for k in built[key]:
                     launch = k.at({"batch": B, "seq": T, "kv_len": P + T, "max_seq": M})
                     q, kk, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch_dtype) for _ in range(3))
                     kc = torch.randn(B, H, M, D, device="cuda", dtype=torch_dtype)
@@ -194,8 +207,7 @@ def section_aot_ptx_driver(ctx: dict) -> dict:
             node = S.with_attribute(gelu, "approximate", approximate)
             for dtype in (S.DataType.HALF, S.DataType.FLOAT):
                 torch_dtype = R.TORCH_DTYPES[dtype]
-                build = S.build_plugin(node, S.gelu_inputs(dtype, 3072), {"rows": (1, 512, 4096)})
-                for k in build.kernels:
+                for k in build(node, S.gelu_inputs(dtype, 3072), {"rows": (1, 512, 4096)}):
                     launch = k.at({"rows": 512})
                     x = torch.randn(512, 3072, device="cuda", dtype=torch_dtype) * 3
                     bias = torch.randn(3072, device="cuda", dtype=torch_dtype)
@@ -211,9 +223,9 @@ def section_aot_ptx_driver(ctx: dict) -> dict:
             raise AssertionError(f"{failures} of {len(rows)} driver launches over their bound: "
                                  + json.dumps([r for r in rows if not r["ok"]][:5]))
         return {"summary": f"{len(rows)} launches of the AOT PTX ({', '.join(headers)}) within bounds; "
-                           f"tensorrt.plugin from {S.find_bindings(ctx.get('trt_bindings'))}", "rows": rows}
+                           f"aot_impl driven by {driven_by}", "rows": rows}
     finally:
-        S.unload()
+        unload()
 
 
 def _driver_launch(kernel, launch: dict, inputs: list, outputs: list) -> None:

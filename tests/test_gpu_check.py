@@ -23,6 +23,46 @@ print(json.dumps(out))
 """
 
 
+BOTH_PATHS = r"""
+import hashlib, importlib, json
+from benchmarks import qdp_minimal as Q, trt_standin as S
+from export.plugins import kernels
+kernels._active_target = lambda: (90, 32)
+PROFILES = {"kv_attention": {"batch": (1, 4, 8), "seq": (1, 64, 512), "kv_len": (1, 64, 512), "max_seq": (512,) * 3},
+            "bias_gelu": {"rows": (1, 512, 4096)}}
+SHAPES = {"kv_attention": [dict(batch=4, seq=128, kv_len=165, max_seq=512), dict(batch=4, seq=1, kv_len=301, max_seq=512)],
+          "bias_gelu": [dict(rows=512)]}
+def collect(build):
+    importlib.import_module("export.plugins.register")
+    attention, gelu = S.graph_plugin_nodes()
+    out = []
+    for dtype in (S.DataType.HALF, S.DataType.FLOAT):
+        nodes = [(attention, S.attention_inputs(dtype, 12, 64))]
+        nodes += [(S.with_attribute(gelu, "approximate", a), S.gelu_inputs(dtype, 3072)) for a in ("tanh", "none")]
+        for node, inputs in nodes:
+            for k in build(node, inputs, PROFILES[node.op_type]):
+                out.append([node.op_type, list(k.types), k.tactic, k.name, hashlib.sha256(k.ptx.encode()).hexdigest(),
+                            [k.at(d) for d in SHAPES[node.op_type]]])
+    return out
+S.load()
+nvidia = collect(lambda node, inputs, profile: S.build_plugin(node, inputs, profile).kernels)
+S.unload()
+Q.load()
+minimal = collect(lambda node, inputs, profile: Q.build(node, inputs))
+Q.unload()
+print(json.dumps({"nvidia": nvidia, "minimal": minimal}))
+"""
+
+
+def test_the_minimal_plugin_stand_in_returns_what_nvidias_package_returns():
+    """gpu_check's fallback (no NVIDIA package on the GPU machine) gives the same kernels and launches."""
+    proc = run_compiled(["-c", BOTH_PATHS])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert len(out["nvidia"]) == 3 + 2 + 2 * 2 * 2  # attention tactics fp16 + fp32, gelu 2 forms x 2 dtypes x 2
+    assert json.loads(json.dumps(out["minimal"])) == out["nvidia"]
+
+
 @pytest.fixture(scope="module")
 def aot_ptx() -> dict:
     proc = run_compiled(["-c", AOT_PTX])

@@ -322,13 +322,16 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh", bl
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16"}
 KERNEL_ARGS = {"attention": 6 + 4 + 3, "gelu": 2 + 1 + 1}  # pointers and int32 scalars, TensorRT's AOT order
 
-# The PTX ISA version pinned per compute capability: the lowest that every kernel, dtype and tile
-# assembles with (tests/test_kernels_aot.py checks each with NVIDIA's ptxas). The driver JIT-compiles
-# this PTX inside TensorRT, and a driver older than the PTX ISA rejects it (Triton would otherwise
-# emit the newest ISA its bundled ptxas knows: 8.8 for sm_80 and 9.4 for sm_90a with Triton 3.9).
-# Minimum driver per ISA: the CUDA release that introduced it (PTX ISA 8.x ships with CUDA 12.x).
+# The PTX ISA version pinned per compute capability: the first ISA that knows the target (LLVM's
+# llvm/lib/Target/NVPTX/NVPTX.td: sm_80 PTX70, sm_86 PTX71, sm_89 PTX78, sm_90a PTX80), and every
+# kernel, dtype and tile assembles with it (tests/test_kernels_aot.py checks each with NVIDIA's ptxas).
+# The driver JIT-compiles this PTX inside TensorRT and rejects an ISA newer than itself; left alone,
+# Triton emits the newest its bundled ptxas knows (Triton 3.9: 8.8 for sm_80, 9.4 for sm_90a, which
+# needs a CUDA 13.4 driver). Minimum driver per ISA: PTX ISA 7.0 / 7.1 / 7.8 / 8.0 shipped with
+# CUDA 11.0 / 11.1 / 11.8 / 12.0 (the PTX ISA release history), whose Linux drivers are listed below
+# (CUDA toolkit release notes, minimum driver table).
 PTX_VERSIONS = {80: 70, 86: 71, 89: 78, 90: 80}
-PTX_MIN_DRIVER = {70: "450.36 (CUDA 11.0)", 71: "455.23 (CUDA 11.1)", 78: "520.61 (CUDA 11.8)",
+PTX_MIN_DRIVER = {70: "450.51 (CUDA 11.0)", 71: "455.23 (CUDA 11.1)", 78: "520.61 (CUDA 11.8)",
                   80: "525.60 (CUDA 12.0)"}
 
 
