@@ -30,7 +30,8 @@ from export.plugins import kernels
 kernels._active_target = lambda: (90, 32)
 PROFILES = {"kv_attention": {"batch": (1, 4, 8), "seq": (1, 64, 512), "kv_len": (1, 64, 512), "max_seq": (512,) * 3},
             "bias_gelu": {"rows": (1, 512, 4096)}}
-SHAPES = {"kv_attention": [dict(batch=4, seq=128, kv_len=165, max_seq=512), dict(batch=4, seq=1, kv_len=301, max_seq=512)],
+SHAPES = {"kv_attention": [dict(batch=4, seq=128, kv_len=165, max_seq=512),
+                           dict(batch=4, seq=1, kv_len=301, max_seq=512)],
           "bias_gelu": [dict(rows=512)]}
 def collect(build):
     importlib.import_module("export.plugins.register")
