@@ -207,7 +207,8 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
         config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
     if not tf32 and hasattr(trt.BuilderFlag, "TF32"):  # fp32 GEMMs exact, for the 1e-4 parity bound
         config.clear_flag(trt.BuilderFlag.TF32)
-    cache = None if timing_cache is None else use_timing_cache(config, Path(timing_cache))
+    timing_cache = None if timing_cache is None else Path(timing_cache)
+    cache = None if timing_cache is None else use_timing_cache(config, timing_cache)
 
     shapes = profile_shapes(art.config, "attention" in plugins, max_batch, max_seq_len)
     input_names = {network.get_input(i).name for i in range(network.num_inputs)}
