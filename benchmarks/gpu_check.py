@@ -450,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="report folder (default: $GPU_CHECK_OUT, else $OUT, else out/gpu-check)")
     p.add_argument("--sections", help="comma-separated subset of: " + ", ".join(n for n, _, _ in SECTIONS))
     p.add_argument("--trt-bindings", help="folder of NVIDIA's tensorrt_bindings package (holding plugin/)")
-    p.add_argument("--budget-s", type=float, default=330.0,
-                   help="skip the sections not yet started once this many seconds have passed (default 330)")
+    p.add_argument("--budget-s", type=float, default=270.0,
+                   help="skip the sections not yet started once this many seconds have passed (default 270)")
     a = p.parse_args(argv)
     wanted = [n for n, _, _ in SECTIONS] if not a.sections else [s.strip() for s in a.sections.split(",")]
     unknown = set(wanted) - {n for n, _, _ in SECTIONS}

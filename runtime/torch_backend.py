@@ -53,6 +53,8 @@ class TorchBackend:
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor) -> torch.Tensor:
+        # callers may hand CPU tensors (export/parity.verify_decode does); the loop already passes device ones
+        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
         B, T = input_ids.shape
         start, end = self.cache_len, self.cache_len + T
         if not self.k_cache or end > self.k_cache[0].shape[2] or B != self.k_cache[0].shape[0]:
