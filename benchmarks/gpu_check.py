@@ -155,8 +155,9 @@ def section_aot_ptx_driver(ctx: dict) -> dict:
     if importlib.util.find_spec("tensorrt") is not None:
         return {"status": "skipped", "summary": "a real TensorRT is installed: the tensorrt section builds engines"}
     try:
-        S.load(ctx.get("trt_bindings"))
-        driven_by = f"NVIDIA's tensorrt.plugin from {S.find_bindings(ctx.get('trt_bindings'))}"
+        bindings = S.find_bindings(ctx.get("trt_bindings"))
+        S.load(bindings)
+        driven_by = f"NVIDIA's tensorrt.plugin from {bindings}"
         unload = S.unload
 
         def build(node, inputs, profile):

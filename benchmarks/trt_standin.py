@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -304,6 +305,8 @@ def _core_module() -> types.ModuleType:
     trt.__doc__ = "stand-in for the compiled TensorRT core (benchmarks/trt_standin.py); not TensorRT"
     trt.__version__ = "stand-in"
     trt.STANDIN = True
+    # importlib.util.find_spec (torch._dynamo calls it for "tensorrt") raises on a module without a spec
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None, is_package=True)
     for obj in (DataType, PluginFieldType, TensorFormat, DimensionOperation, QuickPluginCreationRequest,
                 TensorRTPhase, PluginArgType, PluginArgDataType, Dims, DimsExprs, PluginField,
                 PluginFieldCollection, PluginTensorDesc, DynamicPluginTensorDesc, IDimensionExpr, IExprBuilder,
@@ -365,6 +368,8 @@ def load(bindings: str | os.PathLike | None = None) -> tuple[types.ModuleType, t
     package = types.ModuleType("tensorrt_bindings")  # a namespace for plugin/, without running __init__.py
     package.__path__ = [str(folder)]
     package.__file__ = None
+    package.__spec__ = importlib.machinery.ModuleSpec("tensorrt_bindings", None, is_package=True)
+    package.__spec__.submodule_search_locations = [str(folder)]
     sys.modules["tensorrt"] = trt
     sys.modules["tensorrt_bindings"] = package
     _LOADED[:] = ["tensorrt", "tensorrt_bindings"]
