@@ -199,6 +199,10 @@ BAD_INPUTS = {  # name: (argv after the fixture paths are substituted, part of t
     "absurd max-new-tokens": (["--model", "{tiny}", "--prompt", "a", "--max-new-tokens", "1000000000"],
                               "exceeds the model's block_size 64"),
     "prompt too long": (["--model", "{tiny}", "--prompt", "a" * 60, "--max-new-tokens", "10"], "--truncate"),
+    "too long names the sliding window": (["--model", "{tiny}", "--prompt", "a" * 60, "--max-new-tokens", "10"],
+                                          "--sliding-window"),
+    "truncate and sliding window": (["--model", "{tiny}", "--prompt", "a", "--truncate", "--sliding-window"],
+                                    "exclude each other"),
     "beyond the artifact's max_seq_len": (
         ["--backend", "onnxruntime", "--model", "{short}", "--prompt", "abcdefgh", "--max-new-tokens", "9"],
         "exceeds the onnxruntime-cpu artifact's max_seq_len 16"),
