@@ -133,6 +133,13 @@ def test_nanogpt_ckpt_with_padded_vocabulary(capsys, tmp_path):
     assert STATS_LINE.match(err.strip()).group(3) == str(len(expected.tokens[0]))
 
 
+def test_sliding_window_goes_past_block_size(capsys, tiny_dir):
+    out, err = run_main(capsys, "--model", str(tiny_dir), "--prompt", "ab" * 30, "--max-new-tokens", "100",
+                        "--greedy", "--sliding-window")
+    assert STATS_LINE.match(err.strip()).group(3) == "100"  # 60 + 100 tokens through a 64-token context
+    assert out.startswith("ab" * 30) and len(out) == 60 + 100 + 1
+
+
 def test_help_documents_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])

@@ -42,7 +42,9 @@ def demo_artifact(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=["torch", "onnxruntime"])
 def backend(request, demo_artifact):
-    return open_backend(request.param, "demo" if request.param == "torch" else str(demo_artifact))
+    if request.param == "torch":
+        return open_backend("torch", "demo")
+    return open_backend("onnxruntime", str(demo_artifact), threads=1)
 
 
 def run_script(scheduler: Scheduler, script, params_for) -> list[Completion]:
