@@ -82,6 +82,7 @@ class Scheduler:
         self.windowed: list[_Row] = []  # sliding-window rows past the context: re-run every step
         self.waiting: deque[Completion] = deque()
         self.steps = 0
+        self.on_step: Callable[[int], None] | None = None  # called with the rows of each step (metrics)
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -165,6 +166,8 @@ class Scheduler:
             logits.append(b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device))[0])
         self.steps += 1
         rows = batch + windowed
+        if self.on_step is not None:
+            self.on_step(len(rows))
         for row, token in zip(rows, self._sample(rows, torch.cat([x.float().cpu() for x in logits]))):
             self._take(row, token)
         return True
