@@ -8,7 +8,8 @@ In one run, on one artifact:
 1. offline: runtime.generation.generate on a batch of --clients prompts (greedy, --max-tokens new tokens
    each, end-of-text ignored), decode tokens/s = the batch's decode throughput (median of --offline-repeats);
 2. online: the server on a free 127.0.0.1 port with --max-batch = --clients; each client sends one
-   streaming /v1/completions request after another (the same prompt length and max_tokens, greedy,
+   streaming /v1/completions request after another (the same prompt length, max_tokens drawn from
+   --max-tokens/2 .. --max-tokens so that rows finish at different steps and others join, greedy,
    ignore_eos) until --duration seconds have passed, then finishes the one it has in flight;
    aggregate tokens/s = completion tokens (the final usage of each stream) / time from the first
    request to the last token. Time to first token and inter-token latency (between content chunks)
@@ -160,7 +161,7 @@ async def one_request(client: Any, url: str, body: dict, record: dict) -> None:
     record["itl"] = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
 
 
-async def run_clients(url: str, clients: int, duration: float, prompts: list[list[int]], max_tokens: int,
+async def run_clients(url: str, clients: int, duration: float, prompts: list[list[int]], lengths: list[int],
                       model: str) -> tuple[list[dict], float, float]:
     """-> (one record per request, first send time, last finish time)."""
     import httpx
@@ -172,7 +173,8 @@ async def run_clients(url: str, clients: int, duration: float, prompts: list[lis
         async def client_loop(i: int) -> None:
             n = 0
             while time.perf_counter() < deadline:  # bounded: no new request after the deadline
-                body = {"model": model, "prompt": prompts[(i + n * clients) % len(prompts)], "max_tokens": max_tokens,
+                k = i + n * clients
+                body = {"model": model, "prompt": prompts[k % len(prompts)], "max_tokens": lengths[k % len(lengths)],
                         "temperature": 0, "ignore_eos": True, "stream": True}
                 record: dict = {"client": i}
                 records.append(record)
@@ -301,7 +303,8 @@ def markdown(doc: dict) -> str:
         "",
         f"Model: {doc['model']}; artifact {Path(doc['artifact']).name} (onnxruntime, fused graph, fp32). "
         f"{s['clients']} streaming clients for {s['duration']:.0f} s, prompts of {s['prompt_len']} tokens, "
-        f"{s['max_tokens']} new tokens each (greedy, ignore_eos), server --max-batch {s['clients']}.",
+        f"{s['max_tokens'] // 2}..{s['max_tokens']} new tokens each (greedy, ignore_eos; offline: {s['max_tokens']}), "
+        f"server --max-batch {s['clients']}.",
         "",
         "| measure | value |",
         "|---|---|",
@@ -341,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"block_size {config.block_size}")
     rng = random.Random(s["seed"])
     prompts = [[rng.randrange(n_vocab) for _ in range(s["prompt_len"])] for _ in range(4 * s["clients"])]
+    # online requests ask for max_tokens/2 .. max_tokens new tokens, so they end at different steps and
+    # new ones keep joining a running batch (the offline batch decodes max_tokens for every row)
+    lengths = [rng.randint(max(2, s["max_tokens"] // 2), s["max_tokens"]) for _ in range(97)]
 
     log(f"offline: batch {s['clients']}, {s['max_tokens']} new tokens, {s['offline_repeats']} runs ...")
     offline = offline_decode(artifact, prompts[:s["clients"]], s["max_tokens"], s["offline_repeats"], s["threads"])
@@ -352,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         server_args += ["--threads", str(s["threads"])]
     log(f"online: starting the server, then {s['clients']} streaming clients for {s['duration']:.0f} s ...")
     with ServerProcess(server_args) as server:
-        records, t0, t1 = asyncio.run(run_clients(server.url, s["clients"], s["duration"], prompts,
-                                                  s["max_tokens"], "bench"))
+        records, t0, t1 = asyncio.run(run_clients(server.url, s["clients"], s["duration"], prompts, lengths,
+                                                  "bench"))
         server_tokens = server_token_count(server.url)
         status = server.stop()
     online = summarize_run(records, t0, t1, server_tokens)

@@ -91,3 +91,24 @@ class Backend(Protocol):
 
     def trim_left(self, n: int) -> None:
         """Drop the first n cached positions of every row of the running batch."""
+
+
+# ---- helpers the backends' row operations share (views [rows, n_head, positions, head_dim])
+
+def write_rows(batch: torch.Tensor, first: int, new: torch.Tensor) -> None:
+    """Rows first .. first + n - 1 of the running batch's view [>= first + n, H, P, D] become the n rows
+    of new [n, H, L <= P, D], right-aligned, with zeros before them."""
+    P, L = batch.shape[2], new.shape[2]
+    rows = batch[first:first + new.shape[0]]
+    rows[:, :, :P - L] = 0
+    rows[:, :, P - L:] = new
+
+
+def shift_rows(src: torch.Tensor, dst: torch.Tensor, shift: int) -> None:
+    """dst [B, H, P + shift, D] := src [B, H, P, D] with `shift` more (zeros) or, when < 0, fewer leading
+    positions per row. src and dst must not overlap (clone the source of an in-place shift)."""
+    if shift >= 0:
+        dst[:, :, :shift] = 0
+        dst[:, :, shift:] = src
+    else:
+        dst.copy_(src[:, :, -shift:])

@@ -18,7 +18,7 @@ import torch
 
 from export.artifact import read_artifact
 from model.errors import ModelError
-from runtime.backend import RowCache
+from runtime.backend import RowCache, shift_rows, write_rows
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -136,11 +136,9 @@ class OnnxRuntimeBackend:
         if L > P:
             self._relayout(L - P)
             P = L
-        for (k_new, v_new), bufs in zip(cache.layers, self._kv[self._cur]):
-            for buf, new in zip(bufs, (k_new, v_new)):
-                rows = self._view(buf, B + n, P)[B:]
-                rows[:, :, :P - L] = 0
-                rows[:, :, P - L:] = new
+        for (k_new, v_new), (k, v) in zip(cache.layers, self._kv[self._cur]):
+            write_rows(self._view(k, B + n, P), B, k_new)
+            write_rows(self._view(v, B + n, P), B, v_new)
         self.rows, self.cache_len = B + n, P
 
     def release_row(self, row: int) -> None:
@@ -168,12 +166,7 @@ class OnnxRuntimeBackend:
         B, P, P2 = self.rows, self.cache_len, self.cache_len + shift
         for src_bufs, dst_bufs in zip(self._kv[self._cur], self._kv[1 - self._cur]):
             for src, dst in zip(src_bufs, dst_bufs):
-                s, d = self._view(src, B, P), self._view(dst, B, P2)
-                if shift >= 0:
-                    d[:, :, :shift] = 0
-                    d[:, :, shift:] = s
-                else:
-                    d.copy_(s[:, :, -shift:])
+                shift_rows(self._view(src, B, P), self._view(dst, B, P2), shift)
         self._cur, self.cache_len = 1 - self._cur, P2
 
     def _view(self, buf: torch.Tensor, B: int, P: int) -> torch.Tensor:

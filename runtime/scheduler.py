@@ -2,9 +2,10 @@
 
 Each iteration (`Scheduler.step`):
 1. cancelled rows leave the batch (`release_row`: their slot is free at once);
-2. waiting requests join while rows are free: each prompt is prefilled alone (`prefill_rows`, batch 1,
-   the same computation as runtime.generate on that prompt alone), its first token sampled, and its
-   cache placed beside the running rows (`add_rows`: left padding, per-row positions);
+2. waiting requests join while rows are free (up to a budget of prompt tokens per iteration): each
+   prompt is prefilled alone (`prefill_rows`, batch 1, the same computation as runtime.generate on
+   that prompt alone), its first token sampled, and its cache placed beside the running rows
+   (`add_rows`: left padding, per-row positions);
 3. one decode step for the whole running batch: every row feeds its last token at its own position;
    when the shared padded length reaches the cache's capacity, the padding every row has in
    common is dropped first (`trim_left`);
@@ -72,11 +73,20 @@ class _Row:
     sent: int = 0  # characters of watcher.text passed to on_event
 
 
+DEFAULT_PREFILL_TOKENS_PER_STEP = 512
+
+
 class Scheduler:
-    def __init__(self, backend: Backend, max_batch: int, max_queue: int) -> None:
+    """max_batch rows run together, max_queue wait; each iteration prefills new rows until their prompt
+    tokens reach prefill_tokens_per_step (at least one row), so a crowd of arrivals does not stall the
+    running rows for all their prefills at once."""
+
+    def __init__(self, backend: Backend, max_batch: int, max_queue: int,
+                 prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.backend, self.max_batch, self.max_queue = backend, max_batch, max_queue
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         self.limit, self.limit_name = context_limit(backend)
         self.rows: list[_Row] = []  # the running batch: rows[i] is the backend's row i
         self.windowed: list[_Row] = []  # sliding-window rows past the context: re-run every step
@@ -173,8 +183,8 @@ class Scheduler:
         return True
 
     def _admit(self) -> bool:
-        b, admitted = self.backend, False
-        while self.active < self.max_batch:
+        b, admitted, budget = self.backend, False, self.prefill_tokens_per_step
+        while self.active < self.max_batch and budget > 0:
             with self._cv:
                 if not self.waiting:
                     break
@@ -183,6 +193,7 @@ class Scheduler:
                 self._done(c, "cancelled")
                 continue
             admitted = True
+            budget -= min(len(c.prompt), self.limit)
             generator = None
             if not c.params.is_greedy:
                 c.seed = c.params.seed if c.params.seed is not None else secrets.randbits(62)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from model.gpt import GPT, attention_keep_mask
 from model.tokenizer import Tokenizer
-from runtime.backend import RowCache
+from runtime.backend import RowCache, shift_rows, write_rows
 
 
 class TorchBackend:
@@ -78,14 +78,12 @@ class TorchBackend:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
         self._check_room(B + n, max(P, L))
         if L > P:  # every running row gains L - P positions of left padding
-            for k in self.k_cache + self.v_cache:
-                k[:B, :, L - P:L] = k[:B, :, :P].clone()
-                k[:B, :, :L - P] = 0
+            for buf in self.k_cache + self.v_cache:
+                shift_rows(buf[:B, :, :P].clone(), buf[:B, :, :L], L - P)
             P = L
         for (k_new, v_new), k, v in zip(cache.layers, self.k_cache, self.v_cache):
-            for buf, new in ((k, k_new), (v, v_new)):
-                buf[B:B + n, :, :P - L] = 0
-                buf[B:B + n, :, P - L:P] = new
+            write_rows(k[:B + n, :, :P], B, k_new)
+            write_rows(v[:B + n, :, :P], B, v_new)
         self.rows, self.cache_len = B + n, P
 
     def release_row(self, row: int) -> None:
@@ -105,7 +103,7 @@ class TorchBackend:
             raise ValueError(f"cannot trim {n} of {P} cached positions")
         if n:
             for buf in self.k_cache + self.v_cache:
-                buf[:B, :, :P - n] = buf[:B, :, n:P].clone()
+                shift_rows(buf[:B, :, :P].clone(), buf[:B, :, :P - n], -n)
             self.cache_len = P - n
 
     def _views(self, B: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

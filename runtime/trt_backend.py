@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from model.errors import ModelError
-from runtime.backend import RowCache
+from runtime.backend import RowCache, shift_rows, write_rows
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -234,10 +234,8 @@ class TensorRTBackend:
                 self._shift(L - P)
                 P = L
             for i, (k_new, v_new) in enumerate(cache.layers):
-                for kind, new in (("key", k_new), ("value", v_new)):
-                    rows = self._batch_view(i, kind, B + n, P)[B:]
-                    rows[:, :, :P - L] = 0
-                    rows[:, :, P - L:] = new
+                write_rows(self._batch_view(i, "key", B + n, P), B, k_new)
+                write_rows(self._batch_view(i, "value", B + n, P), B, v_new)
         self.rows, self.cache_len = B + n, P
 
     def release_row(self, row: int) -> None:
@@ -281,11 +279,7 @@ class TensorRTBackend:
                 else:
                     buf = self._kv[1 - self._current][f"{i}.{kind}"]
                     dst = buf[:B * c.n_head * P2 * c.head_dim].view(B, c.n_head, P2, c.head_dim)
-                if shift >= 0:
-                    dst[:, :, :shift] = 0
-                    dst[:, :, shift:] = src
-                else:
-                    dst.copy_(src[:, :, -shift:])
+                shift_rows(src, dst, shift)
         if not self.static_cache:
             self._current = 1 - self._current
         self.cache_len = P2

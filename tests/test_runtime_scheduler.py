@@ -5,13 +5,11 @@ runtime.generate gives for it alone, on torch and on onnxruntime."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
 from runtime.backend import RowCache
-from runtime.backends import open_backend
 from runtime.generation import SamplingParams, generate
 from runtime.scheduler import Completion, QueueFull, Scheduler
 
@@ -31,20 +29,9 @@ SCRIPT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def demo_artifact(tmp_path_factory) -> Path:
-    from export.onnx import export_artifact
-
-    out = tmp_path_factory.mktemp("sched") / "demo"
-    export_artifact("demo", out, verify=False, log=lambda s: None)
-    return out
-
-
-@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
-def backend(request, demo_artifact):
-    if request.param == "torch":
-        return open_backend("torch", "demo")
-    return open_backend("onnxruntime", str(demo_artifact), threads=1)
+@pytest.fixture()
+def backend(demo_backend):
+    return demo_backend
 
 
 def run_script(scheduler: Scheduler, script, params_for) -> list[Completion]:

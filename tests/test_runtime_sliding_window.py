@@ -6,13 +6,11 @@ tests/test_trt_serving.py); without the flag, a run that does not fit is refused
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
 
 from model.load import load_model
-from runtime.backends import open_backend
 from runtime.generation import GenerationError, SamplingParams, generate
 from tests.helpers import nanogpt_generate
 
@@ -38,20 +36,9 @@ def reference():
     return continuation
 
 
-@pytest.fixture(scope="module")
-def demo_artifact(tmp_path_factory) -> Path:
-    from export.onnx import export_artifact
-
-    out = tmp_path_factory.mktemp("window") / "demo"
-    export_artifact("demo", out, verify=False, log=lambda s: None)
-    return out
-
-
-@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
-def backend(request, demo_artifact):
-    if request.param == "torch":
-        return open_backend("torch", "demo")
-    return open_backend("onnxruntime", str(demo_artifact), threads=1)
+@pytest.fixture()
+def backend(demo_backend):
+    return demo_backend
 
 
 def test_long_prompt_is_longer_than_the_context(backend):
