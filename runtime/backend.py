@@ -11,16 +11,52 @@ every backend sees exactly the same inputs:
 - return value   float32 logits of the last position, [batch, vocab_size]
 
 Tensors are torch tensors on `backend.device` (CPU for torch-cpu and onnxruntime-cpu).
+
+Row operations (continuous batching, runtime/scheduler.py). The cache of the *running batch* is
+`rows` rows of `cache_len` positions each; every row's tokens end at position cache_len - 1 (rows
+are right-aligned, shorter ones left-padded), so one decode step appends one token to every row.
+The backend never sees which positions are padding: the caller keeps that, as the attention_mask
+it passes, and zeroes nothing it reads. Four operations change the running batch between steps:
+
+- `prefill_rows(ids, mask, pos)`: a prefill that leaves the running batch alone, returning the
+  logits and the new rows' cache as a `RowCache` (valid until the next call on the backend);
+- `add_rows(cache)`: append those rows as rows `rows .. rows + n - 1`; when they are longer than
+  cache_len, every running row first gains (cache_len - their length) positions of left padding;
+- `release_row(row)`: drop one row; the last row moves into its place (row order is not kept);
+- `trim_left(n)`: drop the first n positions of every row (left padding in all of them), for when
+  cache_len reaches the capacity given to reset.
+
+`reset(capacity, max_seq_len)` empties the running batch and makes room for `capacity` rows of
+`max_seq_len` positions; `prefill` fills the empty batch with its input's rows. Positions a row
+never wrote are left padding to the caller; backends fill them with zeros or with earlier finite
+values, never with uninitialised memory (a masked key still multiplies its value by 0).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from model.config import GPTConfig
 from model.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class RowCache:
+    """Some rows' KV cache outside the running batch: per layer (key, value), each
+    [rows, n_head, length, head_dim] in the backend's cache dtype, on its device."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rows(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2]
 
 
 class Backend(Protocol):
@@ -30,10 +66,49 @@ class Backend(Protocol):
     device: torch.device
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
-        """Drop any cache; the next call is a prefill of up to max_seq_len total tokens."""
+        """Drop any cache; room for batch_size rows of up to max_seq_len positions. The running batch
+        is empty until `prefill` (or `add_rows`)."""
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor: ...
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor: ...
+
+    # ---- row operations (continuous batching)
+    rows: int  # rows in the running batch
+    cache_len: int  # positions cached per row of the running batch (0 when it is empty)
+
+    def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
+        """A prefill outside the running batch: -> logits [n, vocab_size] and the n rows' cache."""
+
+    def add_rows(self, cache: RowCache) -> None:
+        """Append cache's rows to the running batch, right-aligned (see the module docstring)."""
+
+    def release_row(self, row: int) -> None:
+        """Drop a row of the running batch; the last row takes its index."""
+
+    def trim_left(self, n: int) -> None:
+        """Drop the first n cached positions of every row of the running batch."""
+
+
+# ---- helpers the backends' row operations share (views [rows, n_head, positions, head_dim])
+
+def write_rows(batch: torch.Tensor, first: int, new: torch.Tensor) -> None:
+    """Rows first .. first + n - 1 of the running batch's view [>= first + n, H, P, D] become the n rows
+    of new [n, H, L <= P, D], right-aligned, with zeros before them."""
+    P, L = batch.shape[2], new.shape[2]
+    rows = batch[first:first + new.shape[0]]
+    rows[:, :, :P - L] = 0
+    rows[:, :, P - L:] = new
+
+
+def shift_rows(src: torch.Tensor, dst: torch.Tensor, shift: int) -> None:
+    """dst [B, H, P + shift, D] := src [B, H, P, D] with `shift` more (zeros) or, when < 0, fewer leading
+    positions per row. src and dst must not overlap (clone the source of an in-place shift)."""
+    if shift >= 0:
+        dst[:, :, :shift] = 0
+        dst[:, :, shift:] = src
+    else:
+        dst.copy_(src[:, :, -shift:])

@@ -5,7 +5,8 @@
 1. export the demo model (model/demo, a char-level Shakespeare GPT) to ONNX, fused graph, into
    --out (default artifacts/demo, replaced if it exists), and verify it against PyTorch;
 2. greedy-decode the same prompts on the torch reference and on onnxruntime: the tokens must match;
-3. sample a Shakespeare-like passage on each backend with the same seed;
+3. sample a Shakespeare-like passage on each backend with the same seed: 500 new characters, nanoGPT
+   sample.py's default, past the model's 128-character context with the sliding window as sample.py does;
 4. where TensorRT and an NVIDIA GPU are present, build the engine (python -m export.trt --onnx DIR)
    and generate on it too;
 5. print a summary: parity figures and tokens/s per backend. Exit 1 if any check fails.
@@ -23,7 +24,7 @@ from pathlib import Path
 from model.errors import CliParser, ModelError, run_cli
 from runtime.backend import Backend
 from runtime.backends import open_backend
-from runtime.generation import GenerationResult, SamplingParams, context_limit, generate
+from runtime.generation import GenerationResult, SamplingParams, generate
 
 DEFAULT_OUT = Path("artifacts/demo")
 SAMPLE_PROMPT = "ROMEO:\n"
@@ -32,6 +33,7 @@ GREEDY_TOKENS = 100
 SAMPLE_SEED = 1337
 SAMPLE_TEMPERATURE = 0.8
 SAMPLE_TOP_K = 200
+SAMPLE_TOKENS = 500  # nanoGPT sample.py's max_new_tokens default; the sliding window goes past block_size
 
 
 def section(title: str) -> None:
@@ -49,17 +51,17 @@ def tensorrt_missing() -> str | None:
     return None
 
 
-def run_backend(backend: Backend, sample_tokens: int) -> tuple[GenerationResult, GenerationResult]:
+def run_backend(backend: Backend, sample_tokens: int = SAMPLE_TOKENS) -> tuple[GenerationResult, GenerationResult]:
     """Greedy over GREEDY_PROMPTS as one left-padded batch (also the warm-up), then the timed sample."""
     tok = backend.tokenizer
     greedy = generate(backend, [tok.encode(p) for p in GREEDY_PROMPTS],
                       SamplingParams(max_new_tokens=GREEDY_TOKENS, greedy=True))
     print(f"--- {backend.name} sample (seed {SAMPLE_SEED}, temperature {SAMPLE_TEMPERATURE}, "
-          f"top-k {SAMPLE_TOP_K}) ---", flush=True)
+          f"top-k {SAMPLE_TOP_K}, {sample_tokens} characters, sliding window) ---", flush=True)
     print(SAMPLE_PROMPT, end="", flush=True)
     sample = generate(backend, [tok.encode(SAMPLE_PROMPT)],
                       SamplingParams(max_new_tokens=sample_tokens, temperature=SAMPLE_TEMPERATURE,
-                                     top_k=SAMPLE_TOP_K, seed=SAMPLE_SEED),
+                                     top_k=SAMPLE_TOP_K, seed=SAMPLE_SEED, sliding_window=True),
                       on_text=lambda _row, text: print(text, end="", flush=True))
     print(flush=True)
     return greedy, sample
@@ -90,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     backends: list[Backend] = [open_backend("torch", "demo"),
                                open_backend("onnxruntime", str(args.out),
                                             **({"threads": args.threads} if args.threads else {}))]
-    limit = min(context_limit(b)[0] for b in backends)
-    sample_tokens = limit - len(backends[0].tokenizer.encode(SAMPLE_PROMPT))
-    runs = {b.name: run_backend(b, sample_tokens) for b in backends}
+    runs = {b.name: run_backend(b) for b in backends}
 
     section("4. TensorRT")
     trt_note, trt_failed = tensorrt_missing(), False
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             trt_note, trt_failed = f"engine build failed (exit {built.returncode})", True
         else:
             trt = open_backend("tensorrt", str(args.out))
-            runs[trt.name] = run_backend(trt, sample_tokens)
+            runs[trt.name] = run_backend(trt)
             backends.append(trt)
     if trt_note:
         print(f"skipped: {trt_note}", flush=True)

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true",
                    help="if prompt + --max-new-tokens exceeds the model's block_size (or the artifact's max_seq_len), "
                         "keep only the last block_size - max_new_tokens prompt tokens (default: refuse with an error)")
+    p.add_argument("--sliding-window", action="store_true",
+                   help="go past the model's block_size as nanoGPT's sample.py does: each new token is predicted "
+                        "from the last block_size tokens (once the context is full every token re-runs the whole "
+                        "window, about block_size times the work of a cached step); excludes --truncate "
+                        "(default: refuse a prompt + --max-new-tokens that does not fit)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where torch runs, or onnxruntime's execution provider (cuda needs onnxruntime-gpu); "
                         "tensorrt always runs on the GPU (default: %(default)s)")
@@ -80,6 +85,9 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     given = [flag for flag, value in sampling_flags.items() if value is not None]
     if args.greedy and given:
         raise ModelError(f"--greedy cannot be combined with {', '.join(given)}")
+    if args.truncate and args.sliding_window:
+        raise ModelError("--truncate and --sliding-window exclude each other (the sliding window already "
+                         "conditions on the end of a long prompt)")
     for flag in ("--temperature", "--top-p"):
         value = sampling_flags[flag]
         if value is not None and not math.isfinite(value):
@@ -91,7 +99,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         max_new_tokens=args.max_new_tokens, greedy=args.greedy,
         temperature=DEFAULTS.temperature if args.temperature is None else args.temperature,
         top_k=top_k, top_p=DEFAULTS.top_p if args.top_p is None else args.top_p,
-        seed=args.seed, stop=tuple(args.stop), truncate=args.truncate,
+        seed=args.seed, stop=tuple(args.stop), truncate=args.truncate, sliding_window=args.sliding_window,
     )
 
 

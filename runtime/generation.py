@@ -16,7 +16,12 @@ Sampling semantics (also in the README):
   stop string (the text is cut before the stop string), or at max_new_tokens.
 - prompt tokens + max_new_tokens must fit in the model's block_size (or the smaller max_seq_len an
   artifact was exported for): otherwise a GenerationError before any work, or with truncate=True the
-  prompt keeps only its last (limit - max_new_tokens) tokens. Generation never slides a window.
+  prompt keeps only its last (limit - max_new_tokens) tokens.
+- sliding_window=True is nanoGPT's sample.py instead: any prompt length and any max_new_tokens; each
+  token is predicted from the row's last `limit` tokens (`idx[:, -block_size:]`, positions 0..limit-1).
+  While prompt + new tokens fit, that is the KV-cached loop; once they do not, learned absolute
+  positions mean every cached key/value changes when the window moves, so each further step re-runs
+  the whole window (a prefill of `limit` tokens per new token instead of one cached token).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_at_eot: bool = True
     truncate: bool = False
+    sliding_window: bool = False  # nanoGPT's sample.py past the context limit (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -65,6 +71,9 @@ class SamplingParams:
             raise GenerationError(f"seed must be in [0, 2**63), got {self.seed}")
         if any(not s for s in self.stop):
             raise GenerationError("stop strings must not be empty")
+        if self.truncate and self.sliding_window:
+            raise GenerationError("truncate and sliding_window exclude each other: the sliding window already "
+                                  "conditions on the end of a long prompt")
 
     @property
     def is_greedy(self) -> bool:
@@ -111,12 +120,13 @@ def check_fits(prompt_lens: Sequence[int], max_new_tokens: int, limit: int, limi
     if longest + max_new_tokens > limit:
         raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
                               f"{longest + max_new_tokens} exceeds {limit_name}; shorten the prompt, lower "
-                              "max_new_tokens, or pass --truncate to keep only the end of the prompt")
+                              "max_new_tokens, pass --truncate to keep only the end of the prompt, or "
+                              f"--sliding-window to condition each token on the last {limit} tokens as "
+                              "nanoGPT's sample.py does")
 
 
-def prepare_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, backend: Backend) -> list[list[int]]:
-    """Check the prompts before any work; with params.truncate, cut them to fit."""
-    n_vocab = backend.tokenizer.n_vocab
+def check_prompts(prompts: Sequence[Sequence[int]], n_vocab: int) -> None:
+    """At least one prompt, none empty, every id in the tokenizer's vocabulary."""
     if not prompts:
         raise GenerationError("no prompts")
     for p in prompts:
@@ -125,6 +135,13 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, ba
         bad = [t for t in p if not 0 <= t < n_vocab]
         if bad:
             raise GenerationError(f"prompt token id {bad[0]} is outside the tokenizer's vocabulary (0..{n_vocab - 1})")
+
+
+def prepare_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, backend: Backend) -> list[list[int]]:
+    """Check the prompts before any work; with params.truncate, cut them to fit."""
+    check_prompts(prompts, backend.tokenizer.n_vocab)
+    if params.sliding_window:
+        return [list(p) for p in prompts]
     limit, limit_name = context_limit(backend)
     check_fits([len(p) for p in prompts], params.max_new_tokens, limit, limit_name, params.truncate)
     keep = limit - params.max_new_tokens
@@ -163,7 +180,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, mask
 
 
-class _StopWatcher:
+def window_inputs(sequences: Sequence[Sequence[int]], limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prefill of each row's last `limit` tokens (nanoGPT's `idx[:, -block_size:]`), left-padded:
+    -> input_ids, attention_mask, position_ids, each [batch, min(longest, limit)]; positions count a
+    row's real tokens from 0."""
+    ids, mask = left_pad([s[-limit:] for s in sequences])
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class StopWatcher:
     """Per-row text state: finds stop strings and streams only text that cannot become one.
 
     Decoding is incremental: `stable` is the text of tokens[:n_stable], which ends on a whole
@@ -219,21 +244,22 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
         generator = torch.Generator().manual_seed(seed)
 
     batch = len(prompts)
-    input_ids, prompt_mask = left_pad(prompts)
+    limit = context_limit(backend)[0]
+    input_ids, prompt_mask, position_ids = window_inputs(prompts, limit)  # the whole prompts unless sliding
     prompt_len = input_ids.shape[1]
-    total = prompt_len + params.max_new_tokens - 1  # the last new token is never fed back
+    # the cache holds every fed token (the last new token is never fed back), at most `limit` of them
+    total = min(prompt_len + params.max_new_tokens - 1, limit)
     device = backend.device
     attention_mask = torch.ones((batch, total), dtype=torch.long)
     attention_mask[:, :prompt_len] = prompt_mask
     attention_mask = attention_mask.to(device)
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     next_pos = position_ids[:, -1:] + 1
 
     eot = tok.eot_token if params.stop_at_eot else None
     tokens: list[list[int]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
     running = [True] * batch
-    watchers = [_StopWatcher(tok.decode, params.stop, i, on_text) for i in range(batch)]
+    watchers = [StopWatcher(tok.decode, params.stop, i, on_text) for i in range(batch)]
     result = GenerationResult(prompts, tokens, [""] * batch, reasons, seed)
 
     def take(next_ids: torch.Tensor) -> None:
@@ -261,10 +287,15 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
     t0 = time.perf_counter()
     seq = prompt_len
     while any(running):
-        seq += 1
-        logits = backend.decode_one_token(next_ids[:, None].to(device), attention_mask[:, :seq],
-                                          next_pos.to(device))
-        next_pos = next_pos + 1
+        if seq < total:
+            seq += 1
+            logits = backend.decode_one_token(next_ids[:, None].to(device), attention_mask[:, :seq],
+                                              next_pos.to(device))
+            next_pos = next_pos + 1
+        else:  # the cache is full: only params.sliding_window gets here; re-run each row's last `limit` tokens
+            ids, mask, pos = window_inputs([p + t for p, t in zip(prompts, tokens)], limit)
+            backend.reset(batch, ids.shape[1])
+            logits = backend.prefill(ids.to(device), mask.to(device), pos.to(device))
         next_ids = sample_next(logits, params, tok.n_vocab, generator)
         result.decode_tokens += sum(running)
         take(next_ids)

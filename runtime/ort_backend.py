@@ -4,7 +4,9 @@ The KV cache lives in preallocated torch buffers bound with IO binding: per laye
 buffers of capacity batch * n_head * max_seq_len * head_dim each for key and value. A step
 reads past [B, H, P, D] from the start of one buffer and ORT writes present [B, H, P+S, D]
 straight into the start of the other (the graph's Concat produces it), then the two swap.
-Logits land in a preallocated buffer too; nothing goes through Python lists.
+Logits land in a preallocated buffer too; nothing goes through Python lists. The running batch
+(runtime/backend.py's row operations) is dense at the start of the current buffer; a row operation
+that changes the cached length copies it into the other buffer with the new layout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from export.artifact import read_artifact
 from model.errors import ModelError
+from runtime.backend import RowCache, shift_rows, write_rows
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -71,8 +74,10 @@ class OnnxRuntimeBackend:
         for n in self.export.get("inputs", []) + self.export.get("outputs", []):
             if n not in names:
                 raise ModelError(f"{art.model_path}: graph lacks {n!r} listed in config.json")
-        self._batch = 0
+        self.rows = self.cache_len = self._capacity = 0
         self._kv: list[list[list[torch.Tensor]]] | None = None
+        self._no_past = torch.zeros(1, dtype=self.kv_dtype, device=self.device)  # a real address for past 0
+        self._logits = torch.empty(0, 1, self.config.vocab_size, dtype=torch.float32, device=self.device)
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         if max_seq_len > self.max_seq_len:
@@ -85,59 +90,137 @@ class OnnxRuntimeBackend:
             self._kv = None
             self._kv = [[[torch.empty(n, dtype=self.kv_dtype, device=self.device) for _ in range(2)]
                          for _ in range(c.n_layer)] for _ in range(2)]
-        self._logits = torch.empty(batch_size, 1, c.vocab_size, dtype=torch.float32, device=self.device)
-        self._batch, self._cap, self._past, self._cur = batch_size, max_seq_len, 0, 0
+        if self._logits.shape[0] < batch_size:
+            self._logits = torch.empty(batch_size, 1, c.vocab_size, dtype=torch.float32, device=self.device)
+        self._capacity, self._cap = batch_size, max_seq_len
+        self.rows = self.cache_len = self._cur = 0
         self._binding = self.session.io_binding()
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        self._past, self._cur = 0, 0
+        if not self._capacity:
+            raise ModelError("call reset(batch_size, max_seq_len) before prefill")
+        self.rows = self.cache_len = self._cur = 0
+        B = input_ids.shape[0]
+        if B > self._capacity:
+            raise ModelError(f"batch {B} exceeds reset's {self._capacity}")
         return self._step(input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[0] != self.rows:
+            raise ModelError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
         return self._step(input_ids, attention_mask, position_ids)
 
-    def _bind(self, name: str, t: torch.Tensor, shape: tuple[int, ...], output: bool = False) -> None:
+    # ---- row operations (runtime/backend.py). The running batch is dense in the current buffer,
+    # [rows, n_head, cache_len, head_dim]; a change of cache_len re-lays it out into the other one.
+
+    def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
+        c, (n, T) = self.config, input_ids.shape
+        if T > self.max_seq_len:
+            raise ModelError(f"sequence length {T} exceeds the artifact's max_seq_len {self.max_seq_len}")
+        shape = (n, c.n_head, T, c.head_dim)
+        layers = [(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
+                   torch.empty(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(c.n_layer)]
+        past = [(self._no_past, self._no_past)] * c.n_layer
+        logits = torch.empty(n, T if self.export.get("logits") == "all" else 1, c.vocab_size,
+                             dtype=torch.float32, device=self.device)
+        binding = self.session.io_binding()
+        self._run(binding, input_ids, attention_mask, position_ids, past, 0, layers, logits)
+        return logits[:, -1], RowCache(layers)
+
+    def add_rows(self, cache: RowCache) -> None:
+        B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
+        self._check_room(B + n, max(P, L))
+        if L > P:
+            self._relayout(L - P)
+            P = L
+        for (k_new, v_new), (k, v) in zip(cache.layers, self._kv[self._cur]):
+            write_rows(self._view(k, B + n, P), B, k_new)
+            write_rows(self._view(v, B + n, P), B, v_new)
+        self.rows, self.cache_len = B + n, P
+
+    def release_row(self, row: int) -> None:
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} is outside the running batch's {self.rows} rows")
+        last = self.rows - 1
+        if row != last:
+            for bufs in self._kv[self._cur]:
+                for buf in bufs:
+                    view = self._view(buf, self.rows, self.cache_len)
+                    view[row] = view[last]
+        self.rows = last
+        if not self.rows:
+            self.cache_len = 0
+
+    def trim_left(self, n: int) -> None:
+        if not 0 <= n <= self.cache_len:
+            raise ValueError(f"cannot trim {n} of {self.cache_len} cached positions")
+        if n:
+            self._relayout(-n)
+
+    def _relayout(self, shift: int) -> None:
+        """Copy the running batch into the other buffer with `shift` more (or, < 0, fewer) positions of
+        left padding per row, and make that buffer the current one."""
+        B, P, P2 = self.rows, self.cache_len, self.cache_len + shift
+        for src_bufs, dst_bufs in zip(self._kv[self._cur], self._kv[1 - self._cur]):
+            for src, dst in zip(src_bufs, dst_bufs):
+                shift_rows(self._view(src, B, P), self._view(dst, B, P2), shift)
+        self._cur, self.cache_len = 1 - self._cur, P2
+
+    def _view(self, buf: torch.Tensor, B: int, P: int) -> torch.Tensor:
+        c = self.config
+        return buf[:B * c.n_head * P * c.head_dim].view(B, c.n_head, P, c.head_dim)
+
+    def _check_room(self, B: int, P: int) -> None:
+        if B > self._capacity or P > self._cap:
+            raise ModelError(f"the cache holds {self._capacity} rows x {self._cap} positions (reset); "
+                             f"got {B} rows x {P}")
+
+    def _bind(self, binding, name: str, t: torch.Tensor, shape: tuple[int, ...], output: bool = False) -> None:
         kind = "cpu" if t.device.type == "cpu" else "cuda"
         index = t.device.index or 0
-        bind = self._binding.bind_output if output else self._binding.bind_input
+        bind = binding.bind_output if output else binding.bind_input
         bind(name, kind, index, NP_DTYPES[t.dtype], list(shape), t.data_ptr())
 
-    def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              position_ids: torch.Tensor) -> torch.Tensor:
-        if not self._batch:
-            raise ModelError("call reset(batch_size, max_seq_len) before prefill")
+    def _run(self, binding, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             past: list[tuple[torch.Tensor, torch.Tensor]], P: int, present: list[tuple[torch.Tensor, torch.Tensor]],
+             logits: torch.Tensor) -> None:
+        """One graph run: past (P positions) and present (P + seq) per layer at their buffers' starts."""
         B, S = input_ids.shape
-        P, T = self._past, self._past + input_ids.shape[1]
-        if B != self._batch:
-            raise ModelError(f"batch {B} differs from reset's {self._batch}")
-        if T > self._cap:
-            raise ModelError(f"sequence length {T} exceeds max_seq_len {self._cap} given to reset")
+        T = P + S
         if tuple(attention_mask.shape) != (B, T) or tuple(position_ids.shape) != (B, S):
             raise ModelError(f"attention_mask must be [{B}, {T}] and position_ids [{B}, {S}]")
         c = self.config
         feeds = [t.to(self.device, torch.int64).contiguous() for t in (input_ids, attention_mask, position_ids)]
         for name, t in zip(("input_ids", "attention_mask", "position_ids"), feeds):
-            self._bind(name, t, tuple(t.shape))
-        src, dst = self._kv[self._cur], self._kv[1 - self._cur]
+            self._bind(binding, name, t, tuple(t.shape))
         for i in range(c.n_layer):
             for j, kind in enumerate(("key", "value")):
-                self._bind(f"past_key_values.{i}.{kind}", src[i][j], (B, c.n_head, P, c.head_dim))
-                self._bind(f"present.{i}.{kind}", dst[i][j], (B, c.n_head, T, c.head_dim), output=True)
+                self._bind(binding, f"past_key_values.{i}.{kind}", past[i][j], (B, c.n_head, P, c.head_dim))
+                self._bind(binding, f"present.{i}.{kind}", present[i][j], (B, c.n_head, T, c.head_dim), output=True)
+        self._bind(binding, "logits", logits, tuple(logits.shape), output=True)
+        self.session.run_with_iobinding(binding)
+        del feeds  # kept alive until the run finished
+
+    def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              position_ids: torch.Tensor) -> torch.Tensor:
+        B, S = input_ids.shape
+        P, T = self.cache_len, self.cache_len + S
+        if T > self._cap:
+            raise ModelError(f"sequence length {T} exceeds max_seq_len {self._cap} given to reset")
+        c = self.config
         if self.export.get("logits") == "all":
             logits = torch.empty(B, S, c.vocab_size, dtype=torch.float32, device=self.device)
         else:
-            logits = self._logits
-        self._bind("logits", logits, tuple(logits.shape), output=True)
-        self.session.run_with_iobinding(self._binding)
-        del feeds  # kept alive until the run finished
-        self._past, self._cur = T, 1 - self._cur
+            logits = self._logits[:B]
+        self._run(self._binding, input_ids, attention_mask, position_ids, self._kv[self._cur], P,
+                  self._kv[1 - self._cur], logits)
+        self.rows, self.cache_len, self._cur = B, T, 1 - self._cur
         return logits[:, -1].clone()
 
     def present(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The cache after the last step as [B, H, past, D] views (for tests and debugging)."""
-        c, B, P = self.config, self._batch, self._past
-        shape = (B, c.n_head, P, c.head_dim)
-        return [(k[: B * c.n_head * P * c.head_dim].view(shape), v[: B * c.n_head * P * c.head_dim].view(shape))
+        return [(self._view(k, self.rows, self.cache_len), self._view(v, self.rows, self.cache_len))
                 for k, v in self._kv[self._cur]]

@@ -16,7 +16,8 @@ engine is refused with a one-line error. Every call whose failure the Python bin
 return value is checked, every engine I/O tensor must have an address before execute_async_v3, and
 the input copies wait for the caller's stream. Written against the documented API and
 python/src/infer/pyCore.cpp; tests/test_trt_backend_calls.py checks the calls against a stand-in
-engine (not TensorRT); it has not run with TensorRT here.
+engine (not TensorRT); it has not run with TensorRT here (nor have the row operations for continuous
+batching, which use only torch copies on the buffers above).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from model.errors import ModelError
+from runtime.backend import RowCache, shift_rows, write_rows
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -76,7 +78,14 @@ class TensorRTBackend:
                          for phase in (PREFILL, DECODE)}
         self.io_names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._prefill, self._decode = PREFILL, DECODE
-        self.batch = 0
+        M = self.max_seq_len
+        # input staging (max_batch x max_seq int64 each) for every step, main batch or prefill_rows
+        self._ids, self._mask, self._pos = (torch.zeros(self.max_batch * M, dtype=torch.int64, device=self.device)
+                                            for _ in range(3))
+        self._no_past = torch.zeros(1, dtype=self.dtype, device=self.device)  # a real address for a 0-length past
+        self._scratch: dict[str, torch.Tensor] = {}  # static-cache engines: prefill_rows' own cache
+        self.capacity = 0
+        self.rows = 0
         self.cache_len = 0
 
     def _find_manifest(self, variant: str | None, engine_files) -> Path:
@@ -96,41 +105,67 @@ class TensorRTBackend:
             raise ModelError(f"max_seq_len {max_seq_len} exceeds the engine's {self.max_seq_len}")
         c, B, M = self.config, batch_size, self.max_seq_len
         with torch.cuda.stream(self.stream):
-            if B != self.batch:
-                self._ids = torch.zeros(B * M, dtype=torch.int64, device=self.device)
-                self._mask = torch.zeros(B * M, dtype=torch.int64, device=self.device)
-                self._pos = torch.zeros(B * M, dtype=torch.int64, device=self.device)
+            if B > self.capacity:
                 rows = M if self.manifest["logits"] == "all" else 1
                 self._logits = torch.empty(B * rows * c.vocab_size, dtype=torch.float32, device=self.device)
                 if self.static_cache:  # zeroed once; stale rows past cache_len are never read
-                    shape = (B, c.n_head, M, c.head_dim)
-                    self._cache = {f"cache.{i}.{kind}": torch.zeros(shape, dtype=self.dtype, device=self.device)
-                                   for i in range(c.n_layer) for kind in ("key", "value")}
+                    self._cache = {}
+                    self._cache = {name: torch.zeros((B, c.n_head, M, c.head_dim), dtype=self.dtype,
+                                                     device=self.device) for name in self._cache_names()}
                 else:  # ping-pong: [which][name] flat buffers of capacity B*H*M*D
                     n = B * c.n_head * M * c.head_dim
+                    self._kv = []
                     self._kv = [{f"{i}.{kind}": torch.zeros(n, dtype=self.dtype, device=self.device)
                                  for i in range(c.n_layer) for kind in ("key", "value")} for _ in range(2)]
-                self.batch = B
+                self.capacity = B
         self._current = 0
-        self.cache_len = 0
+        self.rows = self.cache_len = 0
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        if self.cache_len:
+        if self.cache_len or self.rows:
             raise RuntimeError("prefill after decode: call reset() first")
         return self._run(self._prefill, input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[0] != self.rows:
+            raise RuntimeError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
         return self._run(self._decode, input_ids, attention_mask, position_ids)
+
+    def _cache_names(self) -> list[str]:
+        return [f"cache.{i}.{kind}" for i in range(self.config.n_layer) for kind in ("key", "value")]
 
     def _run(self, phase: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              position_ids: torch.Tensor) -> torch.Tensor:
+        """A step of the running batch: its cache, written in place (plugins) or into the other buffer."""
         B, S = input_ids.shape
         P, c = self.cache_len, self.config
-        if B != self.batch or P + S > self.max_seq_len:
-            raise RuntimeError(f"engine buffers hold batch {self.batch} x {self.max_seq_len} positions; got batch {B} "
-                               f"up to {P + S}: call reset() with the right sizes")
+        if B > self.capacity or P + S > self.max_seq_len:
+            raise RuntimeError(f"engine buffers hold batch {self.capacity} x {self.max_seq_len} positions; got batch "
+                               f"{B} up to {P + S}: call reset() with the right sizes")
+        tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
+        if self.static_cache:
+            for name, t in self._cache.items():
+                tensors[name] = (t[:B], (B, c.n_head, self.max_seq_len, c.head_dim))
+                tensors[name.replace("cache.", "cache_out.", 1)] = (t[:B], None)  # aliased: the same address
+        else:
+            past, present = self._kv[self._current], self._kv[1 - self._current]
+            for key, buf in past.items():
+                tensors[f"past_key_values.{key}"] = (buf, (B, c.n_head, P, c.head_dim))
+                tensors[f"present.{key}"] = (present[key], None)
+        logits = self._execute(phase, input_ids, attention_mask, position_ids, P, tensors, self._logits)
+        if not self.static_cache:
+            self._current = 1 - self._current
+        self.rows, self.cache_len = B, P + S
+        return logits
+
+    def _execute(self, phase: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, P: int, tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]],
+                 logits_buf: torch.Tensor) -> torch.Tensor:
+        """Stage ids/mask/positions, bind `tensors` (name -> (tensor, its input shape, or None for an
+        output)), run the engine on self.stream and wait: -> last-position logits [B, vocab] (a copy)."""
+        B, S = input_ids.shape
         if attention_mask.shape != (B, P + S):
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected {(B, P + S)}")
         ctx = self.contexts[phase]
@@ -155,17 +190,10 @@ class TensorRTBackend:
             pos.copy_(position_ids, non_blocking=True)
             for name, t in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
                 bind(name, t, tuple(t.shape))
-            if self.static_cache:
-                for name, t in self._cache.items():
-                    bind(name, t, tuple(t.shape))
-                    bind(name.replace("cache.", "cache_out.", 1), t)  # aliased: the same buffer
-            else:
-                past, present = self._kv[self._current], self._kv[1 - self._current]
-                for key, buf in past.items():
-                    bind(f"past_key_values.{key}", buf, (B, c.n_head, P, c.head_dim))
-                    bind(f"present.{key}", present[key])
+            for name, (t, shape) in tensors.items():
+                bind(name, t, shape)
             logits_shape = tuple(ctx.get_tensor_shape("logits"))
-            logits = self._logits[:_numel(logits_shape)].view(logits_shape)
+            logits = logits_buf[:_numel(logits_shape)].view(logits_shape)
             bind("logits", logits)
             missing = [n for n in self.io_names if n not in bound]
             if missing:
@@ -173,10 +201,101 @@ class TensorRTBackend:
             if not ctx.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         self.stream.synchronize()
+        return logits[:, -1, :].clone()  # the buffer is reused by the next step
+
+    # ---- row operations (runtime/backend.py). Plugin engines: the static cache [capacity, H, max_seq, D]
+    # is changed in place, as in the torch backend. Native engines: the running batch is dense in the
+    # current ping-pong buffer, [rows, H, cache_len, D]; a change of cache_len re-lays it out into the
+    # other buffer, as in the onnxruntime backend. Everything runs on self.stream, ordered with the steps.
+
+    def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
+        c, M, (n, T) = self.config, self.max_seq_len, input_ids.shape
+        if not 1 <= n <= self.max_batch or T > M:
+            raise RuntimeError(f"prefill_rows of {n} x {T} is outside the engine's {self.max_batch} x {M}")
+        tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
+        with torch.cuda.stream(self.stream):
+            rows = M if self.manifest["logits"] == "all" else 1
+            logits_buf = torch.empty(n * rows * c.vocab_size, dtype=torch.float32, device=self.device)
+            if self.static_cache:  # the plugin writes in place: a scratch static cache of its own
+                if not self._scratch or next(iter(self._scratch.values())).shape[0] < n:
+                    self._scratch = {}
+                    self._scratch = {name: torch.zeros((n, c.n_head, M, c.head_dim), dtype=self.dtype,
+                                                       device=self.device) for name in self._cache_names()}
+                for name, t in self._scratch.items():
+                    tensors[name] = (t[:n], (n, c.n_head, M, c.head_dim))
+                    tensors[name.replace("cache.", "cache_out.", 1)] = (t[:n], None)
+                layers = [(self._scratch[f"cache.{i}.key"][:n, :, :T], self._scratch[f"cache.{i}.value"][:n, :, :T])
+                          for i in range(c.n_layer)]
+            else:  # present written into new tensors; a zero-length past still gets a real address
+                layers = [tuple(torch.empty((n, c.n_head, T, c.head_dim), dtype=self.dtype, device=self.device)
+                                for _ in range(2)) for _ in range(c.n_layer)]
+                for i, (k, v) in enumerate(layers):
+                    for kind, t in (("key", k), ("value", v)):
+                        tensors[f"past_key_values.{i}.{kind}"] = (self._no_past, (n, c.n_head, 0, c.head_dim))
+                        tensors[f"present.{i}.{kind}"] = (t, None)
+        logits = self._execute(self._prefill, input_ids, attention_mask, position_ids, 0, tensors, logits_buf)
+        return logits, RowCache(layers)
+
+    def add_rows(self, cache: RowCache) -> None:
+        B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
+        if B + n > self.capacity or max(P, L) > self.max_seq_len:
+            raise RuntimeError(f"engine buffers hold {self.capacity} rows x {self.max_seq_len} positions; "
+                               f"got {B + n} rows x {max(P, L)}")
+        with torch.cuda.stream(self.stream):
+            if L > P:  # every running row gains L - P positions of left padding
+                self._shift(L - P)
+                P = L
+            for i, (k_new, v_new) in enumerate(cache.layers):
+                write_rows(self._batch_view(i, "key", B + n, P), B, k_new)
+                write_rows(self._batch_view(i, "value", B + n, P), B, v_new)
+        self.rows, self.cache_len = B + n, P
+
+    def release_row(self, row: int) -> None:
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} is outside the running batch's {self.rows} rows")
+        last = self.rows - 1
+        if row != last:
+            with torch.cuda.stream(self.stream):
+                for i in range(self.config.n_layer):
+                    for kind in ("key", "value"):
+                        view = self._batch_view(i, kind, self.rows, self.cache_len)
+                        view[row] = view[last]
+        self.rows = last
+        if not self.rows:
+            self.cache_len = 0
+
+    def trim_left(self, n: int) -> None:
+        if not 0 <= n <= self.cache_len:
+            raise ValueError(f"cannot trim {n} of {self.cache_len} cached positions")
+        if n:
+            with torch.cuda.stream(self.stream):
+                self._shift(-n)
+
+    def _batch_view(self, layer: int, kind: str, B: int, P: int) -> torch.Tensor:
+        """The running batch's [B, H, P, D] cache of one layer and kind."""
+        c = self.config
+        if self.static_cache:
+            return self._cache[f"cache.{layer}.{kind}"][:B, :, :P]
+        buf = self._kv[self._current][f"{layer}.{kind}"]
+        return buf[:B * c.n_head * P * c.head_dim].view(B, c.n_head, P, c.head_dim)
+
+    def _shift(self, shift: int) -> None:
+        """`shift` more (or, < 0, fewer) positions of left padding in every running row."""
+        c, B, P, P2 = self.config, self.rows, self.cache_len, self.cache_len + shift
+        for i in range(c.n_layer):
+            for kind in ("key", "value"):
+                src = self._batch_view(i, kind, B, P)
+                if self.static_cache:
+                    dst = self._cache[f"cache.{i}.{kind}"][:B, :, :P2]
+                    src = src.clone()  # source and destination overlap
+                else:
+                    buf = self._kv[1 - self._current][f"{i}.{kind}"]
+                    dst = buf[:B * c.n_head * P2 * c.head_dim].view(B, c.n_head, P2, c.head_dim)
+                shift_rows(src, dst, shift)
         if not self.static_cache:
             self._current = 1 - self._current
-        self.cache_len = P + S
-        return logits[:, -1, :].clone()  # the buffer is reused by the next step
+        self.cache_len = P2
 
 
 def create_context(engine, profile: int, stream: int, plan_path: Path):

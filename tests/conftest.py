@@ -13,3 +13,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def demo_onnx(tmp_path_factory):
+    """The bundled demo model exported to ONNX (fused graph, fp32), once per test session."""
+    from export.onnx import export_artifact
+
+    out = tmp_path_factory.mktemp("demo_onnx") / "demo"
+    export_artifact("demo", out, verify=False, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def demo_backend(request, demo_onnx):
+    """The demo model on the torch reference and on onnxruntime (one intra-op thread: a busy machine)."""
+    from runtime.backends import open_backend
+
+    if request.param == "torch":
+        return open_backend("torch", "demo")
+    return open_backend("onnxruntime", str(demo_onnx), threads=1)

@@ -62,3 +62,22 @@ def save_nanogpt_ckpt(path, state, dataset="shakespeare_char"):
             "model_args": dict(NANOGPT_MODEL_ARGS), "iter_num": 5000, "best_val_loss": torch.tensor(1.47),
             "config": {"dataset": dataset, "n_layer": 2, "learning_rate": 1e-3, "compile": True}}
     torch.save(ckpt, path)
+
+
+@torch.no_grad()
+def nanogpt_generate(forward, idx: torch.Tensor, max_new_tokens: int, block_size: int, temperature: float = 1.0,
+                     top_k: int | None = None) -> torch.Tensor:
+    """nanoGPT model.py's GPT.generate restated line by line (sample.py's loop): crop the sequence to
+    the last block_size tokens, run the whole window, sample from the last position. forward(idx) ->
+    logits [B, T, vocab] is the model's plain forward (positions 0..T-1, no cache). top_k=1 is greedy."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]
+        logits = forward(idx_cond)
+        logits = logits[:, -1, :] / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("Inf")
+        probs = torch.nn.functional.softmax(logits, dim=-1)
+        idx_next = torch.multinomial(probs, num_samples=1)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx

@@ -167,3 +167,18 @@ def test_ort_profile_breaks_a_decode_step_down_by_operator(quick, tmp_path):
     assert r["per_op_ms_per_step"].keys() >= {"Gemm", "Attention", "LayerNormalization"}
     assert r["nodes_per_step"] >= 4 * config.n_layer + 1
     assert Path(r["trace"]).is_file()
+
+
+def test_serve_load_test_quick(tmp_path):
+    """`python -m benchmarks.serve --quick`: a real server, concurrent streaming clients, nothing lost."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--quick", "--out", str(tmp_path / "out"),
+                           "--cache", str(tmp_path / "cache"), "--threads", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "serve.json").read_text())
+    online = doc["online"]
+    assert online["errors"] == 0 and online["lost"] == 0 and online["completed"] >= doc["settings"]["clients"]
+    assert online["completion_tokens"] == online["server_generation_tokens"] > 0
+    assert online["server_exit_status"] == 0
+    assert doc["offline"]["decode_tokens_per_s"]["median"] > 0 and online["tokens_per_s"] > 0
+    assert "server ÷ offline" in (tmp_path / "out" / "serve.md").read_text()

@@ -133,6 +133,13 @@ def test_nanogpt_ckpt_with_padded_vocabulary(capsys, tmp_path):
     assert STATS_LINE.match(err.strip()).group(3) == str(len(expected.tokens[0]))
 
 
+def test_sliding_window_goes_past_block_size(capsys, tiny_dir):
+    out, err = run_main(capsys, "--model", str(tiny_dir), "--prompt", "ab" * 30, "--max-new-tokens", "100",
+                        "--greedy", "--sliding-window")
+    assert STATS_LINE.match(err.strip()).group(3) == "100"  # 60 + 100 tokens through a 64-token context
+    assert out.startswith("ab" * 30) and len(out) == 60 + 100 + 1
+
+
 def test_help_documents_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])
@@ -199,6 +206,10 @@ BAD_INPUTS = {  # name: (argv after the fixture paths are substituted, part of t
     "absurd max-new-tokens": (["--model", "{tiny}", "--prompt", "a", "--max-new-tokens", "1000000000"],
                               "exceeds the model's block_size 64"),
     "prompt too long": (["--model", "{tiny}", "--prompt", "a" * 60, "--max-new-tokens", "10"], "--truncate"),
+    "too long names the sliding window": (["--model", "{tiny}", "--prompt", "a" * 60, "--max-new-tokens", "10"],
+                                          "--sliding-window"),
+    "truncate and sliding window": (["--model", "{tiny}", "--prompt", "a", "--truncate", "--sliding-window"],
+                                    "exclude each other"),
     "beyond the artifact's max_seq_len": (
         ["--backend", "onnxruntime", "--model", "{short}", "--prompt", "abcdefgh", "--max-new-tokens", "9"],
         "exceeds the onnxruntime-cpu artifact's max_seq_len 16"),

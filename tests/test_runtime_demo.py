@@ -14,7 +14,7 @@ from runtime import demo
 ROOT = Path(__file__).resolve().parents[1]
 COMMON_WORDS = {"the", "and", "to", "of", "i", "my", "you", "that", "a", "is", "in", "not", "with", "be", "thee",
                 "thou", "his", "me", "your", "it", "he", "for", "this", "shall", "will", "our", "so", "what"}
-MIN_COMMON_WORDS = 3  # a random or broken model's 120 characters hold hardly any English words
+MIN_COMMON_WORDS = 5  # a random or broken model's 500 characters hold hardly any English words
 
 
 def test_main_job(tmp_path):
@@ -37,7 +37,8 @@ def test_main_job(tmp_path):
         speed = re.search(rf"^{backend}\s+([\d.]+)\s+([\d.]+)$", out, re.M)
         assert speed and float(speed[1]) > 0 and float(speed[2]) > 0, backend
         sample = re.search(rf"^--- {backend} sample [^\n]*---\n(.*?)\n(?:---|\n==)", out, re.M | re.S)[1]
-        assert sample.startswith(demo.SAMPLE_PROMPT) and len(sample) >= 100
+        # nanoGPT's 500 new characters, past the 128-character context (the sliding window)
+        assert sample.startswith(demo.SAMPLE_PROMPT) and len(sample) == len(demo.SAMPLE_PROMPT) + demo.SAMPLE_TOKENS
         words = set(re.findall(r"[a-z]+", sample.lower()))
         assert len(words & COMMON_WORDS) >= MIN_COMMON_WORDS, sample
     if importlib.util.find_spec("tensorrt") is None:

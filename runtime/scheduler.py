@@ -1,0 +1,283 @@
+"""Continuous batching: one thread owns a backend and runs every request's rows as one batch.
+
+Each iteration (`Scheduler.step`):
+1. cancelled rows leave the batch (`release_row`: their slot is free at once);
+2. waiting requests join while rows are free (up to a budget of prompt tokens per iteration): each
+   prompt is prefilled alone (`prefill_rows`, batch 1, the same computation as runtime.generate on
+   that prompt alone), its first token sampled, and its cache placed beside the running rows
+   (`add_rows`: left padding, per-row positions);
+3. one decode step for the whole running batch: every row feeds its last token at its own position;
+   when the shared padded length reaches the cache's capacity, the padding every row has in
+   common is dropped first (`trim_left`);
+4. rows whose context is full (sliding_window requests only: nanoGPT's sample.py) re-run their last
+   `limit` tokens together, outside the cached batch (runtime/generation.py states the cost);
+5. each row samples with its own parameters and generator, streams its text, and a finished row
+   leaves the batch.
+
+Greedy output is therefore the tokens runtime.generate gives for the request alone: the batch only
+adds masked padding and other rows, which the attention mask keeps out (tests/test_runtime_scheduler.py
+checks it on the trained demo model with concurrent requests of different lengths).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.backend import Backend
+from runtime.generation import SamplingParams, StopWatcher, context_limit, sample_next, window_inputs
+
+FINISH_REASONS = ("eot", "stop", "length", "cancelled", "error")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue cannot take these requests now (the server answers 503 + Retry-After)."""
+
+
+@dataclass(eq=False)
+class Completion:
+    """One row's request and, as it runs, its result. `on_event(completion, new_text, done)` is called
+    from the scheduler thread once per new token with the text that token made final (maybe "": a
+    possible stop string or a split character is held back), then once with done=True when
+    finish_reason is set; `text` is then the whole text, of which the streamed pieces are a prefix."""
+
+    prompt: list[int]
+    params: SamplingParams
+    on_event: Callable[[Completion, str, bool], None] | None = None
+    tokens: list[int] = field(default_factory=list)  # new tokens, without the end-of-text token
+    text: str = ""
+    finish_reason: str | None = None  # one of FINISH_REASONS
+    error: str | None = None
+    seed: int | None = None  # the seed used (None for greedy)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Any thread: the scheduler drops the row at its next iteration."""
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Row:
+    completion: Completion
+    generator: torch.Generator | None
+    watcher: StopWatcher
+    seq: list[int]  # prompt + new tokens: what the row conditions on
+    cached: int = 0  # this row's positions in the backend cache (right-aligned)
+    sent: int = 0  # characters of watcher.text passed to on_event
+
+
+DEFAULT_PREFILL_TOKENS_PER_STEP = 512
+
+
+class Scheduler:
+    """max_batch rows run together, max_queue wait; each iteration prefills new rows until their prompt
+    tokens reach prefill_tokens_per_step (at least one row), so a crowd of arrivals does not stall the
+    running rows for all their prefills at once."""
+
+    def __init__(self, backend: Backend, max_batch: int, max_queue: int,
+                 prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        self.backend, self.max_batch, self.max_queue = backend, max_batch, max_queue
+        self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.limit, self.limit_name = context_limit(backend)
+        self.rows: list[_Row] = []  # the running batch: rows[i] is the backend's row i
+        self.windowed: list[_Row] = []  # sliding-window rows past the context: re-run every step
+        self.waiting: deque[Completion] = deque()
+        self.steps = 0
+        self.on_step: Callable[[int], None] | None = None  # called with the rows of each step (metrics)
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        backend.reset(max_batch, self.limit)
+
+    # ---- any thread
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) + len(self.windowed)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, completions: list[Completion]) -> None:
+        """Queue all of them or none (QueueFull). Prompts must already be checked (the server does)."""
+        with self._cv:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(completions) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (at most {self.max_queue})")
+            self.waiting.extend(completions)
+            self._cv.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="gptdeploy-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread; whatever is still waiting or running ends as cancelled."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for row in self.rows + self.windowed:
+            self._done(row.completion, "cancelled")
+        while self.waiting:
+            self._done(self.waiting.popleft(), "cancelled")
+        self.rows, self.windowed = [], []
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not (self.waiting or self.rows or self.windowed):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a backend failure ends the rows in flight, not the server
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    # ---- the scheduler thread (or a test calling step() directly)
+
+    def step(self) -> bool:
+        """One iteration; False when there was nothing to do."""
+        b = self.backend
+        self._drop_cancelled()
+        admitted = self._admit()
+        for i in reversed(range(len(self.rows))):  # context full: continue in window mode
+            if self.rows[i].cached + 1 > self.limit:
+                self.windowed.append(self._release(i))
+        batch, windowed = list(self.rows), list(self.windowed)
+        if not batch and not windowed:
+            return admitted
+        logits = []
+        if batch:
+            if b.cache_len + 1 > self.limit:  # drop the left padding every row has
+                b.trim_left(b.cache_len - max(r.cached for r in batch))
+            P = b.cache_len
+            cached = torch.tensor([r.cached for r in batch])
+            ids = torch.tensor([[r.seq[-1]] for r in batch])
+            mask = (torch.arange(P + 1)[None, :] >= (P - cached)[:, None]).long()
+            logits.append(b.decode_one_token(ids.to(b.device), mask.to(b.device), cached[:, None].to(b.device)))
+            for r in batch:
+                r.cached += 1
+        if windowed:
+            ids, mask, pos = window_inputs([r.seq for r in windowed], self.limit)
+            logits.append(b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device))[0])
+        self.steps += 1
+        rows = batch + windowed
+        if self.on_step is not None:
+            self.on_step(len(rows))
+        for row, token in zip(rows, self._sample(rows, torch.cat([x.float().cpu() for x in logits]))):
+            self._take(row, token)
+        return True
+
+    def _admit(self) -> bool:
+        b, admitted, budget = self.backend, False, self.prefill_tokens_per_step
+        while self.active < self.max_batch and budget > 0:
+            with self._cv:
+                if not self.waiting:
+                    break
+                c = self.waiting.popleft()
+            if c.cancelled:
+                self._done(c, "cancelled")
+                continue
+            admitted = True
+            budget -= min(len(c.prompt), self.limit)
+            generator = None
+            if not c.params.is_greedy:
+                c.seed = c.params.seed if c.params.seed is not None else secrets.randbits(62)
+                generator = torch.Generator().manual_seed(c.seed)
+            row = _Row(c, generator, StopWatcher(b.tokenizer.decode, c.params.stop, 0, None), list(c.prompt))
+            ids, mask, pos = window_inputs([c.prompt], self.limit)
+            logits, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device))
+            row.cached = ids.shape[1]
+            if not self._take(row, self._sample([row], logits.float().cpu())[0], joined=False):
+                continue
+            if row.cached + 1 <= self.limit:
+                b.add_rows(cache)
+                self.rows.append(row)
+            else:  # a sliding-window prompt as long as the context: every step re-runs its window
+                self.windowed.append(row)
+        return admitted
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        n_vocab = self.backend.tokenizer.n_vocab
+        out = [0] * len(rows)
+        greedy = [i for i, r in enumerate(rows) if r.completion.params.is_greedy]
+        if greedy:
+            for i, t in zip(greedy, logits[greedy, :n_vocab].argmax(-1).tolist()):
+                out[i] = t
+        for i, r in enumerate(rows):
+            if not r.completion.params.is_greedy:
+                out[i] = int(sample_next(logits[i:i + 1], r.completion.params, n_vocab, r.generator)[0])
+        return out
+
+    def _take(self, row: _Row, token: int, joined: bool = True) -> bool:
+        """Append one sampled token to its row; False (and the row gone) when the row finished."""
+        c, params = row.completion, row.completion.params
+        eot = self.backend.tokenizer.eot_token if params.stop_at_eot else None
+        reason = None
+        if token == eot:
+            row.watcher.update(c.tokens, final=True)
+            reason = "eot"
+        else:
+            c.tokens.append(token)
+            row.seq.append(token)
+            if row.watcher.update(c.tokens):
+                reason = "stop"
+            elif len(c.tokens) == params.max_new_tokens:
+                row.watcher.update(c.tokens, final=True)
+                reason = "length"
+            if c.on_event is not None:  # one event per token, with the text it made final (maybe "")
+                c.on_event(c, row.watcher.text[row.sent:row.watcher.emitted], False)
+                row.sent = row.watcher.emitted
+        if reason is None:
+            return True
+        if joined:
+            self._remove(row)
+        c.text = row.watcher.text
+        self._done(c, reason)
+        return False
+
+    def _done(self, c: Completion, reason: str, error: str | None = None) -> None:
+        c.finish_reason, c.error = reason, error
+        if c.on_event is not None:
+            c.on_event(c, "", True)
+
+    def _release(self, i: int) -> _Row:
+        """Take row i out of the running batch; the last row takes its index, as in the backend."""
+        self.backend.release_row(i)
+        row, last = self.rows[i], self.rows.pop()
+        if i < len(self.rows):
+            self.rows[i] = last
+        return row
+
+    def _remove(self, row: _Row) -> None:
+        if row in self.windowed:
+            self.windowed.remove(row)
+        else:
+            self._release(self.rows.index(row))
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r in self.rows + self.windowed if r.completion.cancelled]:
+            self._remove(row)
+            row.completion.text = row.watcher.text
+            self._done(row.completion, "cancelled")
+
+    def _fail_all(self, error: str) -> None:
+        for row in self.rows + self.windowed:
+            row.completion.text = row.watcher.text
+            self._done(row.completion, "error", error)
+        self.rows, self.windowed = [], []
+        self.backend.reset(self.max_batch, self.limit)

@@ -1,0 +1,481 @@
+"""An OpenAI-compatible HTTP server with continuous batching over any backend.
+
+    python -m runtime.serve --model demo
+    python -m runtime.serve --model artifacts/demo --backend onnxruntime --port 8000 --max-batch 16
+    python -m runtime.serve --model artifacts/gpt2 --backend tensorrt --api-key "$KEY"
+
+Endpoints: POST /v1/completions (OpenAI's completions API; streaming as server-sent events),
+GET /v1/models, GET /health, GET /metrics (Prometheus text). One scheduler thread owns the backend
+and runs every request in one batch (runtime/scheduler.py); requests join and leave it between
+steps. It binds 127.0.0.1 unless --host says otherwise. SIGTERM (or Ctrl-C) stops accepting
+connections, lets the requests in flight finish (up to --drain-timeout seconds), then exits.
+"""
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import secrets
+import signal
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from model.errors import CliParser, ModelError, run_cli
+from runtime.backends import BACKENDS, open_backend
+from runtime.generation import GenerationError, SamplingParams, check_prompts
+from runtime.scheduler import Completion, QueueFull, Scheduler
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_DRAIN_TIMEOUT_S = 120.0
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MAX_CHOICES = 128  # prompts x n in one request
+MAX_STOP = 4  # OpenAI allows up to 4 stop strings
+DISCONNECT_POLL_S = 0.5  # a non-streaming request checks this often whether its client is still there
+RETRY_AFTER_S = 1
+FINISH = {"eot": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's finish_reason
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    @property
+    def kind(self) -> str:
+        return {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+                503: "server_busy_error"}.get(self.status, "invalid_request_error" if self.status < 500 else
+                                              "server_error")
+
+
+def error_response(e: ApiError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}},
+                        status_code=e.status, headers=e.headers)
+
+
+def completion_request_model():
+    """The request body: OpenAI's completions fields, plus top_k, sliding_window and ignore_eos."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class CompletionRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        prompt: str | list[str] | list[int] | list[list[int]]
+        model: str | None = None
+        max_tokens: int | None = Field(default=None, ge=1)
+        temperature: float | None = Field(default=None, ge=0, le=100)
+        top_p: float | None = Field(default=None, gt=0, le=1)
+        top_k: int | None = Field(default=None, ge=-1)  # extension: -1, 0 or null turn it off
+        n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+        seed: int | None = Field(default=None, ge=0, lt=2**63)
+        stop: str | list[str] | None = None
+        stream: bool = False
+        stream_options: dict[str, Any] | None = None
+        echo: bool = False
+        sliding_window: bool = False  # extension: nanoGPT's sample.py past the context
+        ignore_eos: bool = False  # extension: do not stop at the end-of-text token
+        # OpenAI fields this server does not implement: accepted only at their "off" value
+        logprobs: int | None = None
+        best_of: int | None = None
+        suffix: str | None = None
+        logit_bias: dict[str, float] | None = None
+        presence_penalty: float | None = None
+        frequency_penalty: float | None = None
+        user: str | None = None
+
+    return CompletionRequest
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+class Metrics:
+    """Prometheus metrics (prometheus_client), in a registry of this server's own."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("gptdeploy_requests", "Completion rows finished, by finish reason "
+                                "(eot, stop, length, cancelled, error)", ["finish_reason"], registry=r)
+        self.rejected = Counter("gptdeploy_rejected_requests", "Requests refused, by HTTP status", ["status"],
+                                registry=r)
+        self.prompt_tokens = Counter("gptdeploy_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter("gptdeploy_generation_tokens", "Tokens generated", registry=r)
+        self.batch_rows = Gauge("gptdeploy_batch_rows", "Rows in the running batch now", registry=r)
+        self.batch_rows.set_function(lambda: scheduler.active)
+        Gauge("gptdeploy_batch_capacity", "Rows the batch can hold (--max-batch)", registry=r).set(scheduler.max_batch)
+        self.queue_depth = Gauge("gptdeploy_queue_depth", "Rows waiting to join the batch", registry=r)
+        self.queue_depth.set_function(lambda: scheduler.queue_depth)
+        self.step_rows = Histogram("gptdeploy_step_batch_rows", "Batch occupancy: rows in each decode step",
+                                   buckets=tuple(2**i for i in range(11)), registry=r)
+        self.ttft = Histogram("gptdeploy_time_to_first_token_seconds", "From a row's arrival to its first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("gptdeploy_inter_token_latency_seconds", "Between consecutive tokens of a row",
+                             buckets=ITL_BUCKETS, registry=r)
+        scheduler.on_step = self.step_rows.observe
+
+
+class _Bridge:
+    """Carries one request's events from the scheduler thread to its handler on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
+        self.loop, self.metrics = loop, metrics
+        self.queue: asyncio.Queue[tuple[int, str, bool]] = asyncio.Queue()
+        self.index: dict[int, int] = {}  # id(completion) -> its choice index
+        self.last_token_at: dict[int, float] = {}
+
+    def on_event(self, c: Completion, text: str, done: bool) -> None:  # the scheduler thread
+        now, index = time.perf_counter(), self.index[id(c)]
+        if done:
+            self.metrics.requests.labels(c.finish_reason).inc()
+        else:
+            self.metrics.generation_tokens.inc()
+            last = self.last_token_at.get(index)
+            if last is None:
+                self.metrics.ttft.observe(now - c.submitted_at)
+            else:
+                self.metrics.itl.observe(now - last)
+            self.last_token_at[index] = now
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, text, done))
+
+    async def next_events(self) -> list[tuple[int, str, bool]]:
+        """At least one event, and every other one already there (a slow reader gets them merged)."""
+        events = [await self.queue.get()]
+        while not self.queue.empty():
+            events.append(self.queue.get_nowait())
+        return events
+
+
+class _DeclaredBodyLimit:
+    """Answers 413 in the API's JSON, before reading anything, to a request whose Content-Length is over
+    the limit (Starlette's body limiter, which FastAPI's max_body_size installs, answers those in plain
+    text; it still stops a chunked body that grows past the limit, through the app's error handler)."""
+
+    def __init__(self, app: Any, limit: int, on_reject: Any) -> None:
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            from starlette.datastructures import Headers
+
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > self.limit:
+                self.on_reject()
+                response = error_response(ApiError(413, f"request body of {length} bytes is over the limit of "
+                                                        f"{self.limit} (--max-body-bytes)"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(scheduler: Scheduler, config: ServeConfig):
+    """The ASGI app: FastAPI routes behind the declared-body-size check."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from fastapi.sse import EventSourceResponse, format_sse_event
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.exceptions import HTTPException
+
+    backend, tok = scheduler.backend, scheduler.backend.tokenizer
+    metrics = Metrics(scheduler)
+    CompletionRequest = completion_request_model()
+    state = {"draining": False}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            state["draining"] = True
+            await asyncio.to_thread(scheduler.close)
+
+    app = FastAPI(title="gptdeploy", lifespan=lifespan, max_body_size=config.max_body_bytes,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, e: ApiError):
+        metrics.rejected.labels(str(e.status)).inc()
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = loc[0] if loc else None
+        where = ".".join(loc)
+        return await _api_error(_request, ApiError(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid')}",
+                                                   param))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):
+        return await _api_error(request, ApiError(e.status_code, str(e.detail), headers=getattr(e, "headers", None)))
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), config.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health")
+    async def health():
+        if state["draining"]:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok", "backend": backend.name, "rows": scheduler.active, "queue": scheduler.queue_depth}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "gptdeploy", "max_model_len": scheduler.limit}]}
+
+    def sampling_params(req: Any) -> SamplingParams:
+        for name, off in (("logprobs", None), ("suffix", None), ("presence_penalty", 0), ("frequency_penalty", 0)):
+            value = getattr(req, name)
+            if value is not None and value != off:
+                raise ApiError(400, f"{name} is not supported by this server", name)
+        if req.logit_bias:
+            raise ApiError(400, "logit_bias is not supported by this server", "logit_bias")
+        if req.best_of is not None and req.best_of != req.n:
+            raise ApiError(400, "best_of other than n is not supported by this server", "best_of")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP:
+            raise ApiError(400, f"at most {MAX_STOP} stop strings", "stop")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        try:
+            return SamplingParams(
+                max_new_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
+                greedy=temperature == 0, temperature=temperature,
+                top_k=None if req.top_k in (None, 0, -1) else req.top_k,
+                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(stop),
+                stop_at_eot=not req.ignore_eos, sliding_window=req.sliding_window)
+        except GenerationError as e:
+            raise ApiError(400, str(e)) from None
+
+    def encode_prompts(req: Any) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            texts: list[Any] = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            texts = [p]
+        else:
+            texts = list(p)
+        try:
+            prompts = [tok.encode(t) if isinstance(t, str) else list(t) for t in texts]
+            check_prompts(prompts, tok.n_vocab)
+        except ModelError as e:  # GenerationError too: empty prompt, id outside the vocabulary
+            raise ApiError(400, str(e), "prompt") from None
+        return prompts
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(req: CompletionRequest, request: Request):  # type: ignore[valid-type]
+        if req.model not in (None, config.model_name):
+            raise ApiError(404, f"model {req.model!r} is not served here; this server serves {config.model_name!r}",
+                           "model", "model_not_found")
+        params = sampling_params(req)
+        prompts = encode_prompts(req)
+        if not params.sliding_window:
+            longest = max(len(p) for p in prompts)
+            if longest + params.max_new_tokens > scheduler.limit:
+                raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({params.max_new_tokens}) = "
+                               f"{longest + params.max_new_tokens} exceeds {scheduler.limit_name}; lower max_tokens, "
+                               'shorten the prompt, or send "sliding_window": true to condition each token on the '
+                               f"last {scheduler.limit} tokens as nanoGPT's sample.py does", "max_tokens",
+                               "context_length_exceeded")
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than {MAX_CHOICES} completions", "n")
+        bridge = _Bridge(asyncio.get_running_loop(), metrics)
+        rows: list[Completion] = []  # choice k = prompt k // n, sample k % n (OpenAI's order)
+        for prompt in prompts:
+            for j in range(req.n):
+                seed = None if params.seed is None else params.seed + j  # sample j: seed + j, as the CLI's samples
+                c = Completion(prompt, dataclasses.replace(params, seed=seed), on_event=bridge.on_event)
+                bridge.index[id(c)] = len(rows)
+                rows.append(c)
+        if state["draining"]:
+            raise ApiError(503, "the server is shutting down", headers={"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            scheduler.submit(rows)
+        except QueueFull as e:
+            raise ApiError(503, f"the server is busy: {e}; retry later", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        metrics.prompt_tokens.inc(sum(len(c.prompt) for c in rows))
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+                "model": config.model_name}
+        echo = [tok.decode(prompts[k // req.n]) if req.echo else "" for k in range(len(rows))]
+        usage = {"prompt_tokens": sum(len(p) for p in prompts)}
+
+        def final_usage() -> dict[str, int]:
+            done = sum(len(c.tokens) for c in rows)
+            return {**usage, "completion_tokens": done, "total_tokens": usage["prompt_tokens"] + done}
+
+        def failure() -> ApiError | None:
+            failed = [c for c in rows if c.finish_reason in ("error", "cancelled")]
+            if not failed:
+                return None
+            c = failed[0]
+            if c.finish_reason == "cancelled":
+                return ApiError(503, "the server shut down before this request finished",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+            return ApiError(500, f"generation failed: {c.error}")
+
+        if req.stream:
+            async def events():
+                sent, open_rows = [0] * len(rows), len(rows)
+                try:
+                    if req.echo:
+                        yield b"".join(_sse({**head, "choices": [_choice(k, echo[k])]}) for k in range(len(rows)))
+                    while open_rows:
+                        chunks = []
+                        for k, text, done in await bridge.next_events():
+                            c = rows[k]
+                            if done:
+                                open_rows -= 1
+                                if c.finish_reason not in FINISH:  # error or cancelled: reported below
+                                    continue
+                                text = c.text[sent[k]:]  # whatever the last token released
+                            elif not text:
+                                continue
+                            sent[k] += len(text)
+                            chunks.append({**head, "choices": [_choice(k, text, FINISH[c.finish_reason] if done
+                                                                       else None)]})
+                        if chunks:
+                            yield b"".join(map(_sse, chunks))
+                    e = failure()
+                    if e is None:
+                        yield _sse({**head, "choices": [], "usage": final_usage()})
+                    else:
+                        yield _sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}})
+                    yield format_sse_event(data_str="[DONE]")
+                finally:  # the client went away (or the stream ended): rows still running stop at once
+                    for c in rows:
+                        if c.finish_reason is None:
+                            c.cancel()
+
+            return EventSourceResponse(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        open_rows = len(rows)
+        try:
+            while open_rows:
+                try:
+                    events = await asyncio.wait_for(bridge.next_events(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)  # nobody reads it; the rows are cancelled below
+                    continue
+                open_rows -= sum(1 for _, _, done in events if done)
+        finally:
+            for c in rows:
+                if c.finish_reason is None:
+                    c.cancel()
+        e = failure()
+        if e is not None:
+            raise e
+        return {**head, "choices": [_choice(k, echo[k] + c.text, FINISH[c.finish_reason]) for k, c in enumerate(rows)],
+                "usage": final_usage()}
+
+    return _DeclaredBodyLimit(app, config.max_body_bytes, metrics.rejected.labels("413").inc)
+
+
+def _choice(index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _sse(body: dict[str, Any]) -> bytes:
+    """One server-sent event carrying a JSON body (fastapi.sse's encoder)."""
+    from fastapi.sse import format_sse_event
+
+    return format_sse_event(data_str=json.dumps(body, separators=(",", ":")))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = CliParser(prog="python -m runtime.serve", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo", metavar="PATH_OR_SRC",
+                   help="what runtime.generate's --model takes: an artifact folder, or for --backend torch also "
+                        "demo, a HF GPT-2 folder, a nanoGPT ckpt.pt (default: %(default)s)")
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="%(choices)s (default: %(default)s)")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="address to bind; 0.0.0.0 exposes the server to the network (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help="rows decoded together; more requests wait in the queue (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                   help="rows that may wait; beyond it requests get 503 + Retry-After (default: %(default)s)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: none; /health and /metrics stay open)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id in /v1/models and responses (default: the --model folder's name)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
+                   help="on SIGTERM, wait at most this long for requests in flight (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="torch device or onnxruntime provider, as in runtime.generate (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch / onnxruntime (default: the library's own choice)")
+    p.add_argument("--access-log", action="store_true", help="log every request line (default: off)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise ModelError(f"--port must be in 0..65535, got {args.port}")
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--max-body-bytes", args.max_body_bytes, 1024), ("--threads", args.threads or 1, 1)):
+        if value < low:
+            raise ModelError(f"{flag} must be >= {low}, got {value}")
+    if not args.drain_timeout > 0:
+        raise ModelError(f"--drain-timeout must be > 0, got {args.drain_timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ModelError("--api-key must not be empty")
+    import uvicorn
+
+    from runtime.generate import backend_options
+
+    backend = open_backend(args.backend, args.model, **backend_options(args))
+    scheduler = Scheduler(backend, args.max_batch, args.max_queue)
+    name = args.served_model_name or (args.model.rstrip("/").rsplit("/", 1)[-1] or args.model)
+    app = create_app(scheduler, ServeConfig(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes))
+    print(f"serving {name!r} on {backend.name}: http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+          f"context {scheduler.limit})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
+                            timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn drains on SIGTERM / SIGINT, then re-raises the signal to the handler it found: make that
+    # a no-op, so a drained server exits 0 (a second Ctrl-C still forces uvicorn's own quick exit)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    run_cli(main)
+

@@ -1,0 +1,170 @@
+"""Continuous batching (runtime/scheduler.py) over the backends' row operations, on the trained demo
+model: whatever else is in the batch, and whenever a request joins, its greedy tokens are the ones
+runtime.generate gives for it alone, on torch and on onnxruntime."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from runtime.backend import RowCache
+from runtime.generation import SamplingParams, generate
+from runtime.scheduler import Completion, QueueFull, Scheduler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROW_ATOL = 1e-5  # a row's logits in a padded, mixed batch vs alone (fp32)
+# (prompt, max_new_tokens, step at which it is submitted): different lengths, joins while others run,
+# and enough steps that the shared padded length reaches the demo's 128-position context (trim_left)
+SCRIPT = [
+    ("ROMEO:\n", 110, 0),
+    ("KING HENRY VI:\nO God! methinks it were a happy life,", 60, 0),
+    ("A", 90, 3),
+    ("First Citizen:\nBefore we proceed any further, hear me speak.\n", 50, 20),
+    ("JULIET:\n", 100, 45),
+    ("MENENIUS:\nWhy, masters, my good friends,", 70, 80),
+    ("Second Citizen:\n", 40, 81),
+]
+
+
+@pytest.fixture()
+def backend(demo_backend):
+    return demo_backend
+
+
+def run_script(scheduler: Scheduler, script, params_for) -> list[Completion]:
+    """Submit each request at its step, step until every one finished (bounded)."""
+    tok = scheduler.backend.tokenizer
+    done: list[Completion] = []
+    pending = sorted(script, key=lambda s: s[2])
+    for step in range(2000):
+        while pending and pending[0][2] <= step:
+            text, n, _ = pending.pop(0)
+            c = Completion(tok.encode(text), params_for(n))
+            scheduler.submit([c])
+            done.append(c)
+        scheduler.step()
+        if not pending and all(c.finish_reason for c in done):
+            return done
+    raise AssertionError("the scheduler did not finish the script in 2000 steps")
+
+
+def test_greedy_rows_equal_generate_alone_whatever_joins(backend, monkeypatch):
+    trims = []
+    real_trim = backend.trim_left
+    monkeypatch.setattr(backend, "trim_left", lambda n: (trims.append(n), real_trim(n)))
+    scheduler = Scheduler(backend, max_batch=4, max_queue=16)  # fewer rows than requests: some wait
+    done = run_script(scheduler, SCRIPT, lambda n: SamplingParams(max_new_tokens=n, greedy=True))
+    assert trims, "the shared padded length never reached the context: trim_left untested"
+    tok = backend.tokenizer
+    for (text, n, _), c in zip(SCRIPT, done):
+        alone = generate(backend, [tok.encode(text)], SamplingParams(max_new_tokens=n, greedy=True))
+        assert c.tokens == alone.tokens[0], text
+        assert c.text == alone.texts[0] and c.finish_reason == "length"
+    assert sum(len(c.tokens) for c in done) == sum(n for _, n, _ in SCRIPT)
+
+
+def test_sliding_window_and_sampled_rows_equal_generate_alone(backend):
+    """A sliding-window request past the 128-token context beside ordinary ones; seeded sampling too."""
+    tok = backend.tokenizer
+    script = [("ROMEO:\n", 200, 0), ("JULIET:\n", 60, 0), ("A", 100, 10)]
+    kinds = [SamplingParams(max_new_tokens=200, greedy=True, sliding_window=True),
+             SamplingParams(max_new_tokens=60, temperature=0.8, top_k=20, seed=5),
+             SamplingParams(max_new_tokens=100, temperature=1.0, top_p=0.9, seed=6)]
+    scheduler = Scheduler(backend, max_batch=3, max_queue=8)
+    it = iter(kinds)
+    done = run_script(scheduler, script, lambda n: next(it))
+    for (text, _, _), params, c in zip(script, kinds, done):
+        alone = generate(backend, [tok.encode(text)], params)
+        assert c.tokens == alone.tokens[0], text
+    assert len(done[0].tokens) == 200 > backend.config.block_size
+
+
+def test_cancel_frees_the_slot_and_events_stream_the_text(backend):
+    tok = backend.tokenizer
+    events: list[tuple[str, bool]] = []
+    keep = Completion(tok.encode("ROMEO:\n"), SamplingParams(max_new_tokens=30, greedy=True),
+                      on_event=lambda c, text, done: events.append((text, done)))
+    gone = Completion(tok.encode("JULIET:\n"), SamplingParams(max_new_tokens=100, greedy=True))
+    scheduler = Scheduler(backend, max_batch=2, max_queue=4)
+    scheduler.submit([keep, gone])
+    for _ in range(5):
+        scheduler.step()
+    assert scheduler.active == 2
+    gone.cancel()
+    scheduler.step()
+    assert gone.finish_reason == "cancelled" and scheduler.active == 1 and backend.rows == 1
+    while keep.finish_reason is None:
+        scheduler.step()
+    assert "".join(t for t, _ in events) == keep.text and events[-1] == ("", True)
+    assert sum(1 for _, d in events if not d) == len(keep.tokens) == 30
+    assert keep.tokens == generate(backend, [tok.encode("ROMEO:\n")],
+                                   SamplingParams(max_new_tokens=30, greedy=True)).tokens[0]
+
+
+def test_queue_limit_and_threaded_run(backend):
+    tok = backend.tokenizer
+    scheduler = Scheduler(backend, max_batch=2, max_queue=3)
+    finished = threading.Event()
+    cs = [Completion(tok.encode(p), SamplingParams(max_new_tokens=20, greedy=True),
+                     on_event=lambda c, t, d: d and all(x.finish_reason for x in cs) and finished.set())
+          for p in ("A", "B", "C")]
+    with pytest.raises(QueueFull):
+        scheduler.submit(cs + [Completion(tok.encode("D"), SamplingParams(greedy=True))])
+    assert scheduler.queue_depth == 0  # all or nothing
+    scheduler.submit(cs)
+    scheduler.start()
+    try:
+        assert finished.wait(60)
+    finally:
+        scheduler.close()
+    assert [len(c.tokens) for c in cs] == [20, 20, 20]
+
+
+@torch.inference_mode()
+def test_row_operations_keep_each_rows_logits(backend):
+    """The backend's row operations directly: add_rows (shorter and longer than the batch), a decode
+    step, release_row, trim_left; every row's logits stay those of its prompt alone."""
+    tok, dev = backend.tokenizer, backend.device
+    # added in this order: the third is longer than the batch (every row gains padding); releasing it
+    # moves the last row into its slot and leaves padding common to all rows (trim_left)
+    prompts = [tok.encode(t) for t in ("ROMEO:\nIs the day so young?", "A", "KING HENRY VI:\nO God! methinks",
+                                       "JULIET:\n")]
+
+    def alone(p: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits after the prompt, then after feeding token 0, for the prompt alone."""
+        ids = torch.tensor([p])
+        first, _ = backend.prefill_rows(ids, torch.ones_like(ids), torch.arange(len(p))[None])
+        backend.reset(1, len(p) + 1)
+        backend.prefill(ids, torch.ones_like(ids), torch.arange(len(p))[None])
+        second = backend.decode_one_token(torch.tensor([[0]]), torch.ones(1, len(p) + 1, dtype=torch.long),
+                                          torch.tensor([[len(p)]]))
+        return first.float().cpu(), second.float().cpu()
+
+    expected = [alone(p) for p in prompts]
+    backend.reset(4, 64)
+    lengths = []
+    for p, (first, _) in zip(prompts, expected):
+        ids = torch.tensor([p])
+        logits, cache = backend.prefill_rows(ids.to(dev), torch.ones_like(ids).to(dev),
+                                             torch.arange(len(p))[None].to(dev))
+        assert isinstance(cache, RowCache) and (cache.rows, cache.length) == (1, len(p))
+        assert (logits.float().cpu() - first).abs().max().item() <= ROW_ATOL
+        backend.add_rows(cache)
+        lengths.append(len(p))
+    P = max(lengths)
+    assert (backend.rows, backend.cache_len) == (4, P) and lengths.index(P) == 2
+    backend.release_row(2)  # row 3 moves into row 2
+    order = [0, 1, 3]
+    lengths = [lengths[i] for i in order]
+    backend.trim_left(P - max(lengths))
+    P = backend.cache_len
+    assert (backend.rows, P) == (3, len(prompts[0])) and P < max(map(len, prompts))
+    cached = torch.tensor(lengths)
+    mask = (torch.arange(P + 1)[None, :] >= (P - cached)[:, None]).long()
+    logits = backend.decode_one_token(torch.zeros(3, 1, dtype=torch.long).to(dev), mask.to(dev),
+                                      cached[:, None].to(dev)).float().cpu()
+    for row, i in enumerate(order):
+        assert (logits[row] - expected[i][1][0]).abs().max().item() <= ROW_ATOL, i

@@ -1,0 +1,255 @@
+"""`python -m runtime.serve` as a real process on a free 127.0.0.1 port, driven with the official
+`openai` client (completions, streaming, errors) and plain HTTP (models, health, metrics, 413, 503,
+disconnects, SIGTERM drain). Every request loop here is bounded in count and time."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.serve import ServerProcess
+from runtime.backends import open_backend
+from runtime.generation import SamplingParams, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KEY = "test-key-123"
+CLIENT_TIMEOUT_S = 120
+PROMPTS = ["ROMEO:\n", "KING HENRY VI:\nO God! methinks it were a happy life,", "A",
+           "First Citizen:\nBefore we proceed any further, hear me speak.\n", "JULIET:\n", "MENENIUS:\nWhy, masters,"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess(["--model", "demo", "--threads", "1", "--max-batch", "4", "--api-key", KEY]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=CLIENT_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return open_backend("torch", "demo")
+
+
+def alone(demo, prompt: str, n: int, **kw) -> str:
+    return generate(demo, [demo.tokenizer.encode(prompt)], SamplingParams(max_new_tokens=n, greedy=True, **kw)).texts[0]
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def test_completion_equals_generate_alone(client, demo):
+    r = client.completions.create(model="demo", prompt="ROMEO:\n", max_tokens=80, temperature=0)
+    assert r.object == "text_completion" and r.model == "demo" and len(r.choices) == 1
+    assert r.choices[0].text == alone(demo, "ROMEO:\n", 80) and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (7, 80, 87)
+
+
+def test_concurrent_requests_of_different_lengths_each_equal_generate_alone(client, demo):
+    """More requests than the server's 4 rows, of different prompt and output lengths, streaming and
+    not, at once: each greedy text is the one runtime.generate gives for that prompt alone."""
+    jobs = [(p, n, i % 2 == 0) for i, (p, n) in enumerate(zip(PROMPTS, (100, 60, 120, 45, 90, 75)))]
+
+    def run(job) -> str:
+        prompt, n, stream = job
+        if not stream:
+            return client.completions.create(model="demo", prompt=prompt, max_tokens=n, temperature=0).choices[0].text
+        chunks = client.completions.create(model="demo", prompt=prompt, max_tokens=n, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(run, jobs, timeout=CLIENT_TIMEOUT_S))
+    for (prompt, n, _), text in zip(jobs, texts):
+        assert text == alone(demo, prompt, n), prompt
+
+
+def test_streaming_sends_text_then_finish_then_usage(client, demo):
+    chunks = list(client.completions.create(model="demo", prompt="JULIET:\n", max_tokens=40, temperature=0,
+                                            stream=True))
+    text_chunks = [c for c in chunks if c.choices]
+    assert len(text_chunks) > 5  # streamed as produced, not in one piece
+    assert "".join(c.choices[0].text for c in text_chunks) == alone(demo, "JULIET:\n", 40)
+    assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40
+    assert chunks[-1].usage.prompt_tokens == 8
+
+
+def test_list_prompt_n_seed_and_stop(client, demo):
+    r = client.completions.create(model="demo", prompt=["ROMEO:\n", "A"], n=2, max_tokens=30, temperature=0.8,
+                                  seed=7, extra_body={"top_k": 20})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    again = client.completions.create(model="demo", prompt=["ROMEO:\n", "A"], n=2, max_tokens=30, temperature=0.8,
+                                      seed=7, extra_body={"top_k": 20})
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]  # seeded: repeatable
+    assert r.choices[0].text != r.choices[1].text  # sample j uses seed + j
+    # the seeded sample is the one runtime.generate draws alone with that seed
+    tok = demo.tokenizer
+    solo = generate(demo, [tok.encode("A")], SamplingParams(max_new_tokens=30, temperature=0.8, top_k=20, seed=8))
+    assert r.choices[3].text == solo.texts[0]
+    stop = client.completions.create(model="demo", prompt="ROMEO:\n", max_tokens=100, temperature=0, stop=["\n"])
+    assert stop.choices[0].finish_reason == "stop" and "\n" not in stop.choices[0].text
+    assert stop.choices[0].text == alone(demo, "ROMEO:\n", 100, stop=("\n",))
+    echo = client.completions.create(model="demo", prompt="A", max_tokens=5, temperature=0, echo=True)
+    assert echo.choices[0].text == "A" + alone(demo, "A", 5)
+
+
+def test_sliding_window_past_the_context(client, demo):
+    r = client.completions.create(model="demo", prompt="ROMEO:\n", max_tokens=300, temperature=0,
+                                  extra_body={"sliding_window": True})
+    assert r.usage.completion_tokens == 300
+    assert r.choices[0].text == alone(demo, "ROMEO:\n", 300, sliding_window=True)
+
+
+@pytest.mark.parametrize("kwargs, status, fragment", [
+    (dict(max_tokens=200), 400, "sliding_window"),  # 7 + 200 > the demo's 128-token context
+    (dict(temperature=-1), 400, "temperature"),
+    (dict(top_p=0), 400, "top_p"),
+    (dict(max_tokens=0), 400, "max_tokens"),
+    (dict(logprobs=2), 400, "logprobs is not supported"),
+    (dict(extra_body={"top_k": "many"}), 400, "top_k"),
+    (dict(extra_body={"unknown_field": 1}), 400, "unknown_field"),
+    (dict(prompt="caf\u00e9"), 400, "not in the model's"),
+    (dict(prompt=""), 400, "empty prompt"),
+    (dict(model="gpt-4"), 404, "not served here"),
+])
+def test_bad_requests_get_openai_errors(client, kwargs, status, fragment):
+    args = dict(model="demo", prompt="ROMEO:\n", max_tokens=10) | kwargs
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(**args)
+    assert e.value.status_code == status
+    assert fragment in e.value.body["message"] and e.value.body["type"]
+
+
+def test_api_key(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong-key", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="demo", prompt="A", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    status, body, headers = get(server.url + "/v1/models")  # no Authorization header at all
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert headers["www-authenticate"] == "Bearer"
+
+
+def test_models_health_metrics(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["demo"]
+    status, body, _ = get(server.url + "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    client.completions.create(model="demo", prompt="A", max_tokens=12, temperature=0)
+    status, body, headers = get(server.url + "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    for name in ("gptdeploy_requests", "gptdeploy_prompt_tokens", "gptdeploy_generation_tokens",
+                 "gptdeploy_batch_rows", "gptdeploy_batch_capacity", "gptdeploy_queue_depth",
+                 "gptdeploy_step_batch_rows", "gptdeploy_time_to_first_token_seconds",
+                 "gptdeploy_inter_token_latency_seconds"):
+        assert name in families, name
+
+    def value(name: str, sample: str, **labels) -> float:
+        return sum(s.value for s in families[name].samples if s.name == sample and labels.items() <= s.labels.items())
+
+    assert value("gptdeploy_requests", "gptdeploy_requests_total", finish_reason="length") >= 1
+    assert value("gptdeploy_generation_tokens", "gptdeploy_generation_tokens_total") >= 12
+    assert value("gptdeploy_time_to_first_token_seconds", "gptdeploy_time_to_first_token_seconds_count") >= 1
+    assert value("gptdeploy_inter_token_latency_seconds", "gptdeploy_inter_token_latency_seconds_count") >= 11
+    assert value("gptdeploy_batch_capacity", "gptdeploy_batch_capacity") == 4
+
+
+def test_body_too_large_is_413(server):
+    body = json.dumps({"model": "demo", "prompt": "a" * (2 << 20), "max_tokens": 1}).encode()
+    r = httpx.post(server.url + "/v1/completions", content=body, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+
+
+@pytest.fixture()
+def small_server():
+    """One row, one waiting request: easy to fill."""
+    with ServerProcess(["--model", "demo", "--threads", "1", "--max-batch", "1", "--max-queue", "1"]) as s:
+        yield s
+
+
+def _health(server) -> dict:
+    return json.loads(get(server.url + "/health")[1])
+
+
+def _wait(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def _long_stream(server, client: httpx.Client):
+    """A sliding-window request long enough (thousands of tokens) to hold the only row."""
+    body = {"prompt": "ROMEO:\n", "max_tokens": 5000, "temperature": 0, "stream": True, "sliding_window": True}
+    return client.stream("POST", server.url + "/v1/completions", json=body, timeout=60)
+
+
+def test_queue_full_is_503_with_retry_after_and_disconnect_cancels(small_server):
+    s = small_server
+    with httpx.Client() as c1, httpx.Client() as c2:
+        with _long_stream(s, c1) as running:
+            lines = running.iter_lines()  # kept: dropping the iterator closes the response
+            assert next(lines).startswith("data: ")  # the row is running
+            with _long_stream(s, c2) as waiting:  # takes the one queue place
+                _wait(lambda: _health(s)["queue"] == 1)
+                r = httpx.post(s.url + "/v1/completions", json={"prompt": "A", "max_tokens": 2}, timeout=30)
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "queue_full"
+                assert waiting.status_code == 200
+        # both clients went away mid-stream: their rows are cancelled and the slot is free again
+        _wait(lambda: _health(s)["rows"] == 0 and _health(s)["queue"] == 0)
+    families = {f.name: f for f in text_string_to_metric_families(get(s.url + "/metrics")[1].decode())}
+    cancelled = sum(x.value for x in families["gptdeploy_requests"].samples
+                    if x.labels.get("finish_reason") == "cancelled" and x.name.endswith("_total"))
+    assert cancelled == 2
+    ok = httpx.post(s.url + "/v1/completions", json={"prompt": "A", "max_tokens": 3}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(small_server):
+    s = small_server
+    body = {"prompt": "ROMEO:\n", "max_tokens": 400, "temperature": 0, "stream": True, "sliding_window": True}
+    with httpx.Client() as c, c.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        s.proc.send_signal(signal.SIGTERM)
+        _wait(lambda: get_refused(s.url))  # no new connections are accepted ...
+        rest = [x for x in lines if x]  # ... while the request in flight runs to its end
+    events = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
+    assert rest[-1] == "data: [DONE]" and events[-1]["usage"]["completion_tokens"] == 400
+    assert s.proc.wait(60) == 0
+
+
+def get_refused(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url + "/health", timeout=2)
+    except urllib.error.URLError as e:
+        return isinstance(e.reason, ConnectionRefusedError)
+    except OSError:
+        return True
+    return False
