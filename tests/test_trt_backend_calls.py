@@ -68,7 +68,8 @@ def _backend(monkeypatch, log: list, extra_io: tuple[str, ...] = (), refuse: tup
     ctx = FakeContext(log, io + list(extra_io), config.vocab_size, refuse)
     b.contexts = {0: ctx, 1: ctx}
     b.io_names = io + list(extra_io)
-    b._prefill, b._decode, b.batch, b.cache_len = 0, 1, 0, 0
+    b._prefill, b._decode, b.capacity, b.rows, b.cache_len = 0, 1, 0, 0, 0
+    b._ids, b._mask, b._pos = (torch.zeros(b.max_batch * b.max_seq_len, dtype=torch.int64) for _ in range(3))
     b.reset(2, 32)
     return b
 
