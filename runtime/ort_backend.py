@@ -46,9 +46,11 @@ def resolve_providers(providers: list[str] | str | None) -> list[str]:
 
 class OnnxRuntimeBackend:
     def __init__(self, artifact_dir: str | os.PathLike, providers: list[str] | str | None = None,
-                 threads: int | None = None, verify_hashes: bool = True) -> None:
+                 threads: int | None = None, verify_hashes: bool = True,
+                 session_config: dict[str, str] | None = None) -> None:
         """providers: 'cpu' (default), 'cuda', 'tensorrt' or ORT provider names; threads: ORT intra-op
-        threads (default: ORT's choice); verify_hashes: check every file's sha256 against config.json."""
+        threads (default: ORT's choice); verify_hashes: check every file's sha256 against config.json;
+        session_config: extra ORT session config entries (e.g. session.qdq_matmulnbits_accuracy_level)."""
         import onnxruntime as ort
 
         art = read_artifact(artifact_dir, verify=verify_hashes)
@@ -62,6 +64,8 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(art.model_path), options, providers=self.providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
@@ -133,6 +137,8 @@ class OnnxRuntimeBackend:
         self.session.run_with_iobinding(self._binding)
         del feeds  # kept alive until the run finished
         self._past, self._cur = T, 1 - self._cur
+        if self.device.type == "cpu":  # a numpy copy stays on this thread (torch's clone of 50k floats would not)
+            return torch.from_numpy(logits[:, -1].numpy().copy())
         return logits[:, -1].clone()
 
     def present(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
