@@ -139,6 +139,7 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
             summary.update(verify_artifact(model, tmp, dtype, n_vocab=tokenizer.n_vocab, steps=verify_steps,
                                            cases=report_cases, log=log))
             export_info["verify"] = {"decode": summary["verify"], "report": summary["report"]}
+        if verify:
             write_config(tmp, config, tokenizer, export_info, files)  # add the figures (config.json is not hashed)
             stage("verify")
     summary["seconds"] = time.perf_counter() - t0
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-cases", type=int, default=16, help="random cases in the verify parity report")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of every Linear and lm_head")
     p.add_argument("--quant-block", type=int, help="input features per quantization block (power of two >= 16; "
-                                                   "default 64)")
+                                                   "default 32; TensorRT's INT4 needs 64 or 128)")
     p.add_argument("--quality-seqs", type=int, default=16,
                    help="held-out windows scored by a quantized export's verify (default 16)")
     a = p.parse_args(argv)
