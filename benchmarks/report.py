@@ -179,7 +179,7 @@ def markdown(doc: dict) -> str:
     ok = {n: r for n, r in res.items() if r["status"] == "ok"}
     lens, batches = [str(n) for n in s["prefill_lens"]], [str(b) for b in s["batches"]]
     lines = [
-        f"### Benchmark: {doc['model']['description']}, fp32",
+        f"### Benchmark: {doc['model']['description']} (fp32 weights; int8/int4 rows quantize them)",
         "",
         f"{m['date']} · {m['cpu']} · {m['cpu_count']} cores ({m['torch_threads']} torch threads) · "
         f"torch {m['packages'].get('torch')} · onnxruntime {m['packages'].get('onnxruntime')} · "
