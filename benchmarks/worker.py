@@ -190,15 +190,15 @@ def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
             loop = BareOrtLoop(spec["artifact"], threads=threads)
             return run_bare, loop, {"device": "cpu", "intra_op_threads": threads or 0, "artifact": spec["artifact"]}
         if name.startswith("ct2-"):
+            quantization = "float32" if name == "ct2-fp32" else "int8"
+            gen = peers.open_ct2(spec["model_src"], quantization, threads, workdir)  # PeerUnavailable if absent
             import ctranslate2
 
-            quantization = "float32" if name == "ct2-fp32" else "int8"
-            gen = peers.open_ct2(spec["model_src"], quantization, threads, workdir)
             return peers.run_ct2, gen, {"device": "cpu", "ctranslate2": ctranslate2.__version__,
                                         "compute_type": quantization, "intra_threads": threads or 0}
+        model = peers.open_genai(spec["artifact"], threads, workdir)
         import onnxruntime_genai
 
-        model = peers.open_genai(spec["artifact"], threads, workdir)
         return peers.run_genai, model, {"device": "cpu", "onnxruntime_genai": onnxruntime_genai.__version__,
                                         "intra_op_threads": threads or 0, "artifact": spec["artifact"]}
     except peers.PeerUnavailable as e:

@@ -197,3 +197,13 @@ def test_ort_profile_breaks_a_decode_step_down_by_operator(quick, tmp_path):
     assert r["per_op_ms_per_step"].keys() >= {"Gemm", "Attention", "LayerNormalization"}
     assert r["nodes_per_step"] >= 4 * config.n_layer + 1
     assert Path(r["trace"]).is_file()
+
+
+@pytest.mark.parametrize("backend,module", [("ct2-int8", "ctranslate2"), ("genai-fp32", "onnxruntime_genai")])
+def test_missing_peer_is_skipped_with_the_reason(backend, module, monkeypatch, tmp_path):
+    from benchmarks.worker import Unavailable, open_for_bench
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(Unavailable, match="not installed"):
+        open_for_bench({"backend": backend, "model_src": "demo", "artifact": str(tmp_path), "threads": 1,
+                        "workdir": str(tmp_path)})
