@@ -177,3 +177,13 @@ def test_genai_tokenizer_files_for_gpt2_bpe(tmp_path, one_thread):
     text = "Hello world, it's 2026: naïve café!"
     assert list(tokenizer.encode(text)) == gpt2_tokenizer().encode(text)
     assert tokenizer.decode(np.array(gpt2_tokenizer().encode(text), dtype=np.int32)) == text
+
+
+def test_float16_int4_export_verifies_with_the_fp16_parity_bound(tmp_path, one_thread):
+    lines: list[str] = []
+    export_artifact(NANOGPT_DIR / "ckpt.pt", tmp_path / "ng-int4-fp16", dtype="float16", quantize="int4",
+                    verify=True, log=lines.append)
+    export = read_artifact(tmp_path / "ng-int4-fp16").export
+    assert export["dtype"] == "float16" and export["quantization"]["bits"] == 4
+    assert export["quantization"]["onnxruntime_optimized"]["MatMulNBits"] == 4 * 4 + 1
+    assert export["verify"]["quality"]["top1_agreement"] >= 0.90
