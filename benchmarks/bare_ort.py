@@ -17,7 +17,8 @@ KV_NP = {"float32": np.float32, "float16": np.float16}
 
 
 class BareOrtLoop:
-    def __init__(self, artifact: str | Path, threads: int | None = None) -> None:
+    def __init__(self, artifact: str | Path, threads: int | None = None,
+                 session_config: dict[str, str] | None = None) -> None:
         import onnxruntime as ort
 
         from export.artifact import read_artifact
@@ -27,6 +28,8 @@ class BareOrtLoop:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(art.model_path), options, providers=["CPUExecutionProvider"])
         self.kv_dtype = KV_NP[self.export.get("dtype", "float32")]
 

@@ -92,6 +92,13 @@ class OnnxRuntimeBackend:
         self._logits = torch.empty(batch_size, 1, c.vocab_size, dtype=torch.float32, device=self.device)
         self._batch, self._cap, self._past, self._cur = batch_size, max_seq_len, 0, 0
         self._binding = self.session.io_binding()
+        # what every step binds, worked out once: per ping/pong side, (past name, present name, the buffer
+        # read, the buffer written); a step then only passes the new shapes (Python per step is per-token cost)
+        self._kv_binds = [[(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", self._kv[cur][i][j].data_ptr(),
+                            self._kv[1 - cur][i][j].data_ptr())
+                           for i in range(c.n_layer) for j, kind in enumerate(("key", "value"))] for cur in (0, 1)]
+        if self.export.get("logits") != "all":  # the last-position logits buffer never changes: bind it once
+            self._bind("logits", self._logits, tuple(self._logits.shape), output=True)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
@@ -124,16 +131,17 @@ class OnnxRuntimeBackend:
         feeds = [t.to(self.device, torch.int64).contiguous() for t in (input_ids, attention_mask, position_ids)]
         for name, t in zip(("input_ids", "attention_mask", "position_ids"), feeds):
             self._bind(name, t, tuple(t.shape))
-        src, dst = self._kv[self._cur], self._kv[1 - self._cur]
-        for i in range(c.n_layer):
-            for j, kind in enumerate(("key", "value")):
-                self._bind(f"past_key_values.{i}.{kind}", src[i][j], (B, c.n_head, P, c.head_dim))
-                self._bind(f"present.{i}.{kind}", dst[i][j], (B, c.n_head, T, c.head_dim), output=True)
+        bind_in, bind_out = self._binding.bind_input, self._binding.bind_output
+        device, index, kv_type = self.device.type, self.device.index or 0, NP_DTYPES[self.kv_dtype]
+        past_shape, present_shape = [B, c.n_head, P, c.head_dim], [B, c.n_head, T, c.head_dim]
+        for past_name, present_name, src, dst in self._kv_binds[self._cur]:
+            bind_in(past_name, device, index, kv_type, past_shape, src)
+            bind_out(present_name, device, index, kv_type, present_shape, dst)
         if self.export.get("logits") == "all":
             logits = torch.empty(B, S, c.vocab_size, dtype=torch.float32, device=self.device)
+            self._bind("logits", logits, tuple(logits.shape), output=True)
         else:
             logits = self._logits
-        self._bind("logits", logits, tuple(logits.shape), output=True)
         self.session.run_with_iobinding(self._binding)
         del feeds  # kept alive until the run finished
         self._past, self._cur = T, 1 - self._cur
