@@ -47,7 +47,7 @@ def profile_decode(artifact: str, batch: int, prompt_len: int, steps: int, threa
     logits = backend.prefill(ids, mask[:, :prompt_len], torch.arange(prompt_len)[None].expand(batch, -1))
     walls = []
     for i in range(steps):
-        nxt = logits[:, : backend.tokenizer.n_vocab].argmax(-1, keepdim=True)
+        nxt = torch.from_numpy(logits[:, : backend.tokenizer.n_vocab].numpy().argmax(-1)[:, None])  # as the loop does
         pos = torch.full((batch, 1), prompt_len + i, dtype=torch.long)
         t0 = time.perf_counter()
         logits = backend.decode_one_token(nxt, mask[:, : prompt_len + i + 1], pos)

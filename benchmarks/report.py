@@ -15,7 +15,22 @@ from benchmarks.roofline import (
 )
 
 LABELS = {"torch": "torch (reference)", "transformers": "transformers generate", "ort-fused": "onnxruntime fused",
-          "ort-decomposed": "onnxruntime decomposed", "tensorrt": "tensorrt"}
+          "ort-decomposed": "onnxruntime decomposed", "ort-int8": "onnxruntime int8", "ort-int4": "onnxruntime int4",
+          "bare-fp32": "bare ORT loop fp32 (reference)", "bare-int4": "bare ORT loop int4 (reference)",
+          "ct2-fp32": "CTranslate2 fp32", "ct2-int8": "CTranslate2 int8", "genai-fp32": "onnxruntime-genai fp32",
+          "genai-int4": "onnxruntime-genai int4", "tensorrt": "tensorrt"}
+# the artifact kind (run.py) whose weights a row reads; rows not listed read the fp32 weights, except
+# CTranslate2 int8, whose byte count is its own (no bandwidth share shown)
+ROW_WEIGHTS = {"ort-int8": "int8", "ort-int4": "int4", "bare-int4": "int4", "genai-int4": "int4", "ct2-int8": None}
+QUANT_TARGETS = (  # (key, description, required, "min" | "max")
+    ("int4_b1", "int4 batch-1 decode tokens/s", 250.0, "min"),
+    ("int4_b1_vs_ct2_int8", "int4 batch 1, x CTranslate2 int8 batch 1", 1.3, "min"),
+    ("int4_b8_vs_ct2_int8", "int4 batch 8, x CTranslate2 int8 batch 8", 1.0, "min"),
+    ("int8_b1", "int8 batch-1 decode tokens/s", 150.0, "min"),
+    ("fp32_b1_vs_bare", "fp32 batch 1, x the bare ORT loop on the same graph", 0.95, "min"),
+    ("int4_b1_vs_bare", "int4 batch 1, x the bare ORT loop on the same graph", 0.95, "min"),
+    ("int4_file_share", "int4 model file, share of the fp32 file", 0.40, "max"),
+)
 TARGET_BACKENDS = ("ort-fused", "ort-decomposed")  # the issue's targets are for onnxruntime fp32
 BUSY_OTHER_CPU_SHARE = 0.10  # other processes using more of the CPUs than this during the run flag it as noisy
 TARGETS = (  # (key, description, required)
@@ -28,12 +43,15 @@ TARGETS = (  # (key, description, required)
 
 
 def assemble(*, settings: dict, model_desc: str, config: Any, machine: dict, bandwidth: dict, gemm: dict,
-             results: dict[str, dict], artifacts: dict[str, str], wall_s: float) -> dict:
-    """Everything in one JSON-able dict: inputs, raw measurements and the figures derived from them."""
+             results: dict[str, dict], artifacts: dict[str, str], wall_s: float,
+             artifact_bytes: dict[str, dict] | None = None) -> dict:
+    """Everything in one JSON-able dict: inputs, raw measurements and the figures derived from them.
+    artifact_bytes: per artifact kind, {"file": bytes of model.onnx, "per_token": weight bytes a decode step reads}."""
     bw = bandwidth["gb_per_s"]["median"] * 1e9
     peak = gemm["gflop_per_s"]["median"]
     wbytes = weight_bytes_per_token(config)
     limit_tps = bw / wbytes
+    artifact_bytes = artifact_bytes or {}
     ctx = mean_decode_context(settings["decode_prompt_len"], settings["new_tokens"])
     hf = results.get("transformers", {})
     ref_tokens = (results.get("torch", {}).get("greedy_tokens") or {}).get("tokens")
@@ -46,16 +64,19 @@ def assemble(*, settings: dict, model_desc: str, config: Any, machine: dict, ban
             gflops = prefill_flops(config, int(length)) / (p["ms"]["median"] / 1e3) / 1e9
             d["prefill"][length] = {"gflop_per_s": gflops, "gemm_peak_share": gflops / peak if on_cpu else None}
         b1 = r["decode"].get("1", {}).get("tokens_per_s", {}).get("median")
+        kind = ROW_WEIGHTS.get(name, "fp32")
+        row_bytes = wbytes if kind == "fp32" else artifact_bytes.get(kind, {}).get("per_token")
+        d["weight_bytes_per_token"] = row_bytes
         for batch, x in r["decode"].items():
             tps = x["tokens_per_s"]["median"]
             gflops = tps * decode_flops_per_token(config, ctx) / 1e9
             e = {"gflop_per_s": gflops, "gemm_peak_share": gflops / peak if on_cpu else None,
-                 "weight_read_gb_per_s": tps / int(batch) * wbytes / 1e9,
+                 "weight_read_gb_per_s": tps / int(batch) * row_bytes / 1e9 if row_bytes else None,
                  "over_batch1": tps / b1 if b1 else None}
             hf_tps = hf.get("decode", {}).get(batch, {}).get("tokens_per_s", {}).get("median")
             e["vs_transformers"] = tps / hf_tps if hf_tps and name != "transformers" else None
-            if batch == "1" and on_cpu:
-                e["bandwidth_limit_share"] = tps / limit_tps
+            if batch == "1" and on_cpu and row_bytes:
+                e["bandwidth_limit_share"] = tps / (bw / row_bytes)
             d["decode"][batch] = e
         mine = (r.get("greedy_tokens") or {}).get("tokens")
         if ref_tokens is not None and mine is not None:
@@ -77,9 +98,41 @@ def assemble(*, settings: dict, model_desc: str, config: Any, machine: dict, ban
                            "Linear layers, lm_head and attention (QK^T, AV) only, logits for the last prompt "
                            "position only"},
         "artifacts": artifacts,
+        "artifact_bytes": artifact_bytes,
         "results": results,
+        "quant_targets": quant_targets(results, artifact_bytes),
         "wall_s": wall_s,
     }
+
+
+def quant_targets(results: dict[str, dict], artifact_bytes: dict[str, dict]) -> dict[str, dict]:
+    """The quantization / loop / peer targets; a target whose rows did not run is 'not measured'."""
+    def tps(name: str, batch: str) -> float | None:
+        r = results.get(name, {})
+        return r.get("decode", {}).get(batch, {}).get("tokens_per_s", {}).get("median") if r.get("status") == "ok" \
+            else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    files = {k: v.get("file") for k, v in artifact_bytes.items()}
+    measured = {
+        "int4_b1": tps("ort-int4", "1"),
+        "int4_b1_vs_ct2_int8": ratio(tps("ort-int4", "1"), tps("ct2-int8", "1")),
+        "int4_b8_vs_ct2_int8": ratio(tps("ort-int4", "8"), tps("ct2-int8", "8")),
+        "int8_b1": tps("ort-int8", "1"),
+        "fp32_b1_vs_bare": ratio(tps("ort-fused", "1"), tps("bare-fp32", "1")),
+        "int4_b1_vs_bare": ratio(tps("ort-int4", "1"), tps("bare-int4", "1")),
+        "int4_file_share": ratio(files.get("int4"), files.get("fused")),
+    }
+    out = {}
+    for key, desc, required, sense in QUANT_TARGETS:
+        m = measured[key]
+        met = None if m is None else (m >= required if sense == "min" else m <= required)
+        short = None if m is None or met else 100 * abs(m - required) / required
+        out[key] = {"description": desc, "required": required, "sense": sense, "measured": m, "met": met,
+                    "shortfall_pct": short}
+    return out
 
 
 def machine_busy(other_share: float | None) -> bool:
@@ -126,7 +179,7 @@ def markdown(doc: dict) -> str:
     ok = {n: r for n, r in res.items() if r["status"] == "ok"}
     lens, batches = [str(n) for n in s["prefill_lens"]], [str(b) for b in s["batches"]]
     lines = [
-        f"### Benchmark: {doc['model']['description']}, fp32",
+        f"### Benchmark: {doc['model']['description']} (fp32 weights; int8/int4 rows quantize them)",
         "",
         f"{m['date']} · {m['cpu']} · {m['cpu_count']} cores ({m['torch_threads']} torch threads) · "
         f"torch {m['packages'].get('torch')} · onnxruntime {m['packages'].get('onnxruntime')} · "
@@ -193,6 +246,20 @@ def markdown(doc: dict) -> str:
                 value = _pct(t["measured"]) if "share" in key else f"{t['measured']:.2f}×"
                 cells.append(f"{value} met" if t["met"] else f"{value} missed by {t['shortfall_pct']:.0f}%")
             lines.append(f"| {desc} | {req} | " + " | ".join(cells) + " |")
+    qt = doc.get("quant_targets") or {}
+    if any(t["measured"] is not None for t in qt.values()):
+        lines += ["", "Targets (quantized graphs, the generation loop, the CPU peers):", "",
+                  "| target | required | measured |", "|---|---|---|"]
+        for key, t in qt.items():
+            req = t["required"]
+            fmt = (lambda x: f"{x:.0%}") if key.endswith("share") else \
+                (lambda x: f"{x:.1f}") if key in ("int4_b1", "int8_b1") else (lambda x: f"{x:.2f}×")
+            sign = "≥" if t["sense"] == "min" else "≤"
+            if t["measured"] is None:
+                cell = "not measured"
+            else:
+                cell = f"{fmt(t['measured'])} " + ("met" if t["met"] else f"missed by {t['shortfall_pct']:.0f}%")
+            lines.append(f"| {t['description']} | {sign} {fmt(req)} | {cell} |")
     others = {n: r for n, r in res.items() if r["status"] != "ok"}
     if others:
         lines.append("")

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.worker import ALL_BACKENDS
+from benchmarks.worker import ALL_BACKENDS, ARTIFACT_OF
 from export.artifact import write_atomic
 from model.errors import CliParser, ModelError, run_cli
 
@@ -176,19 +176,45 @@ def prepare_model(settings: dict, src: str | None, cache: Path) -> tuple[str, An
     return str(folder), config, tok.n_vocab, desc
 
 
-def prepare_artifact(model_src: str, graph: str, cache: Path) -> Path:
+def prepare_artifact(model_src: str, kind: str, cache: Path) -> Path:
+    """kind: fused | decomposed (fp32) | int8 | int4 (weight-only quantized fused graph, default block)."""
     from export.onnx import DEFAULT_OPSET, export_artifact
 
-    opset = DEFAULT_OPSET if graph == "fused" else DECOMPOSED_OPSET
-    out = cache / f"onnx-{graph}-{source_key(model_src)}-{code_hash('export', 'model')}"
+    opset = DECOMPOSED_OPSET if kind == "decomposed" else DEFAULT_OPSET
+    quantize = kind if kind in ("int8", "int4") else None
+    out = cache / f"onnx-{kind}-{source_key(model_src)}-{code_hash('export', 'model')}"
     if (out / "config.json").is_file():
         log(f"using cached {out}")
         return out
-    drop_stale(out, f"onnx-{graph}-*")  # one cached export per graph
-    log(f"exporting the {graph} ONNX graph (opset {opset}) to {out}")
-    export_artifact(model_src, out, graph=graph, opset=opset, verify=True, verify_steps=4, report_cases=0,
+    drop_stale(out, f"onnx-{kind}-*")  # one cached export per kind
+    log(f"exporting the {kind} ONNX graph (opset {opset}) to {out}")
+    # a quantized graph's quality is judged on trained weights (its export's verify step and the README);
+    # on the benchmark's random weights only its graph is checked (ORT's fusion and the fp32-compute parity)
+    export_artifact(model_src, out, graph="decomposed" if kind == "decomposed" else "fused", opset=opset,
+                    verify=True, verify_steps=4, report_cases=0, quantize=quantize, quality_seqs=0,
                     log=lambda s: log("  " + s))
     return out
+
+
+def artifact_weight_bytes(artifact: Path) -> dict[str, int]:
+    """model.onnx's size, and the weight bytes one decode step reads: every initializer, except that of the
+    position table and of an int8 token-embedding table (quantized graphs) only one row per token is read."""
+    import onnx
+
+    from export.artifact import MODEL_FILE
+    from export.quantize import Q_SUFFIX, SCALE_SUFFIX
+
+    proto = onnx.load(str(artifact / MODEL_FILE), load_external_data=True)
+    sizes = {t.name: len(t.raw_data) for t in proto.graph.initializer}
+    dims = {t.name: list(t.dims) for t in proto.graph.initializer}
+    per_token = sum(sizes.values())
+    # (an fp32 graph's wte is the lm_head too: read whole)
+    wte = "transformer.wte.weight"
+    for name in ("transformer.wpe.weight", wte + Q_SUFFIX, wte + SCALE_SUFFIX):
+        if name in sizes:
+            per_token -= sizes[name] - sizes[name] // dims[name][0]
+    files = sum(f.stat().st_size for f in artifact.iterdir() if f.name.startswith(MODEL_FILE))
+    return {"file": files, "per_token": per_token}
 
 
 # ---- orchestration
@@ -257,9 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         f"fp32 GEMM {gemm['gflop_per_s']['median']:.0f} GFLOP/s ({gemm['n']}^3)")
 
     artifacts: dict[str, str] = {}
-    for graph in ("fused", "decomposed"):
-        if f"ort-{graph}" in settings["backends"] or (graph == "fused" and "tensorrt" in settings["backends"]):
-            artifacts[graph] = str(prepare_artifact(model_src, graph, cache))
+    for kind in dict.fromkeys(ARTIFACT_OF[b] for b in settings["backends"] if b in ARTIFACT_OF):
+        artifacts[kind] = str(prepare_artifact(model_src, kind, cache))
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-", dir=cache) as tmp:
@@ -267,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"== [{i}/{len(settings['backends'])}] {name}")
             spec = {"backend": name, "model_src": model_src, "n_vocab": n_vocab, "seed": settings["seed"],
                     "threads": settings["threads"],
-                    "artifact": artifacts.get("decomposed" if name == "ort-decomposed" else "fused"),
+                    "artifact": artifacts.get(ARTIFACT_OF.get(name, "")), "workdir": tmp,
                     **{k: settings[k] for k in ("prefill_lens", "batches", "new_tokens", "decode_prompt_len",
                                                 "warmup", "repeats", "prefill_repeats", "max_seconds")}}
             results[name] = run_worker(spec, Path(tmp))
@@ -282,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             "run: the figures are low and noisy; rerun on an idle machine")
     doc = report.assemble(settings=settings, model_desc=model_desc, config=config, machine=machine,
                           bandwidth=bandwidth, gemm=gemm, results=results, artifacts=artifacts,
-                          wall_s=time.perf_counter() - started)
+                          wall_s=time.perf_counter() - started,
+                          artifact_bytes={k: artifact_weight_bytes(Path(v)) for k, v in artifacts.items()})
     markdown = report.markdown(doc)
     write_atomic(out_dir / "bench.json", json.dumps(doc, indent=1).encode())
     write_atomic(out_dir / "bench.md", markdown.encode())

@@ -26,10 +26,15 @@ from benchmarks.stats import summarize
 from model.errors import ModelError
 
 RUNTIME_BACKENDS = {"torch": "torch", "ort-fused": "onnxruntime", "ort-decomposed": "onnxruntime",
-                    "tensorrt": "tensorrt"}
+                    "ort-int8": "onnxruntime", "ort-int4": "onnxruntime", "tensorrt": "tensorrt"}
 WARMUP_NEW_TOKENS = 16  # a decode warm-up only needs to touch every kernel and buffer once, not to be long
 MIN_TIMED_RUNS = 2  # a workload stops repeating at its time budget, but never below this (a spread needs two)
-ALL_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "tensorrt")
+ALL_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "ort-int8", "ort-int4", "bare-fp32",
+                "bare-int4", "ct2-fp32", "ct2-int8", "genai-fp32", "genai-int4", "tensorrt")
+# which artifact each row runs: the fp32 fused graph, the decomposed one, or a quantized fused graph
+ARTIFACT_OF = {"ort-fused": "fused", "ort-decomposed": "decomposed", "ort-int8": "int8", "ort-int4": "int4",
+               "bare-fp32": "fused", "bare-int4": "int4", "genai-fp32": "fused", "genai-int4": "int4",
+               "tensorrt": "fused"}
 
 
 class Unavailable(Exception):
@@ -153,6 +158,8 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
         info = {"attn_implementation": getattr(hf.config, "_attn_implementation", None), "device": "cpu",
                 "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
         return run_transformers, hf, info
+    if name.startswith(("bare-", "ct2-", "genai-")):
+        return open_reference_or_peer(spec)
     from runtime.backends import open_backend
 
     if name == "tensorrt":
@@ -169,6 +176,33 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
     else:
         info["torch_threads"] = torch.get_num_threads()
     return run_runtime, backend, info
+
+
+def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
+    """The bare ORT loop (benchmarks/bare_ort.py) and the CPU peers (benchmarks/peers.py)."""
+    from benchmarks import peers
+    from benchmarks.bare_ort import BareOrtLoop, run_bare
+
+    name, threads = spec["backend"], spec.get("threads")
+    workdir = Path(spec["workdir"])
+    try:
+        if name.startswith("bare-"):
+            loop = BareOrtLoop(spec["artifact"], threads=threads)
+            return run_bare, loop, {"device": "cpu", "intra_op_threads": threads or 0, "artifact": spec["artifact"]}
+        if name.startswith("ct2-"):
+            quantization = "float32" if name == "ct2-fp32" else "int8"
+            gen = peers.open_ct2(spec["model_src"], quantization, threads, workdir)  # PeerUnavailable if absent
+            import ctranslate2
+
+            return peers.run_ct2, gen, {"device": "cpu", "ctranslate2": ctranslate2.__version__,
+                                        "compute_type": quantization, "intra_threads": threads or 0}
+        model = peers.open_genai(spec["artifact"], threads, workdir)
+        import onnxruntime_genai
+
+        return peers.run_genai, model, {"device": "cpu", "onnxruntime_genai": onnxruntime_genai.__version__,
+                                        "intra_op_threads": threads or 0, "artifact": spec["artifact"]}
+    except peers.PeerUnavailable as e:
+        raise Unavailable(str(e)) from None
 
 
 def measure(spec: dict) -> dict:

@@ -157,5 +157,10 @@ def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as e:  # protobuf DecodeError, missing external data, ...
         raise ModelError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+    from export.quantize import Q_SUFFIX
+
+    if any(t.name.endswith(Q_SUFFIX) for t in model.graph.initializer):
+        raise ModelError(f"{path}: a quantized artifact (int8/int4 weights) cannot be read back as the model's "
+                         "weights; use the model it was exported from")
     return {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer
             if t.name.startswith("transformer.")}

@@ -31,12 +31,14 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from export.quantize import EMBEDDING_BITS, Q_SUFFIX, SCALE_SUFFIX, QuantSpec, pack_int4, quantize_blocks
 from model.config import GPTConfig
 
 GraphKind = Literal["fused", "decomposed"]
 DTYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
 MIN_OPSET, MAX_OPSET = 17, 24  # 17: LayerNormalization; 20: Gelu; 23: Attention
 FUSED_MIN_OPSET = 23
+QUANT_MIN_OPSET = 21  # DequantizeLinear with block_size, INT4 tensors
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -76,16 +78,36 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
+    def quantized(self, name: str, value: torch.Tensor, bits: int, block: int, np_dtype: type,
+                  transpose: bool) -> tuple[str, str]:
+        """value [rows, cols] quantized in blocks along cols -> (<name>.q INT4|INT8, <name>.scale), both
+        transposed to [cols, rows] / [cols / block, rows] when `transpose` (the MatMul B layout)."""
+        q, scale = quantize_blocks(value.detach().cpu().numpy(), bits, block)
+        if transpose:
+            q, scale = np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T)
+        q_name, s_name = name + Q_SUFFIX, name + SCALE_SUFFIX
+        if bits == 4:
+            self.initializers.append(helper.make_tensor(q_name, TensorProto.INT4, q.shape, pack_int4(q), raw=True))
+        else:
+            self.initializers.append(numpy_helper.from_array(q, q_name))
+        self.initializers.append(numpy_helper.from_array(scale.astype(np_dtype), s_name))
+        return q_name, s_name
+
 
 def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph: GraphKind = "fused",
-                    dtype: str = "float32", opset: int = 23, all_logits: bool = False) -> onnx.ModelProto:
-    """state: the GPT state_dict (fp32). Returns the ONNX model (weights inline)."""
+                    dtype: str = "float32", opset: int = 23, all_logits: bool = False,
+                    quant: QuantSpec | None = None) -> onnx.ModelProto:
+    """state: the GPT state_dict (fp32). Returns the ONNX model (weights inline).
+    quant: weight-only quantization of every Linear and the lm_head (DequantizeLinear(block_size) -> MatMul,
+    export/quantize.py); the token embedding then becomes an int8 table (Gather -> DequantizeLinear)."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset {opset} is not supported (use {MIN_OPSET}..{MAX_OPSET})")
     if graph == "fused" and opset < FUSED_MIN_OPSET:
         raise ValueError(f"the fused graph needs opset >= {FUSED_MIN_OPSET} (ONNX Attention); got {opset}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if quant is not None and opset < QUANT_MIN_OPSET:
+        raise ValueError(f"quantized graphs need opset >= {QUANT_MIN_OPSET} (DequantizeLinear block_size, INT4)")
     onnx_dtype, np_dtype = DTYPES[dtype]
     c, H, D = config, config.n_head, config.head_dim
     b = _Builder()
@@ -110,9 +132,22 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
     rows_shape = b.const("rows", np.array([-1, c.n_embd], np.int64))
     split_sizes = b.const("qkv_split", np.array([c.n_embd] * 3, np.int64))
 
+    def matmul_weight(x: str, name: str, weight: torch.Tensor) -> str:
+        """x [M, in] @ weight.T (weight [out, in]); quantized: DequantizeLinear(q [in, out]) -> MatMul."""
+        q, scale = b.quantized(name, weight, quant.bits, quant.block, np_dtype, transpose=True)
+        return b.op("MatMul", [x, b.op("DequantizeLinear", [q, scale], axis=0, block_size=quant.block)])
+
     def linear(x: str, prefix: str) -> str:
+        if quant is not None:
+            y = matmul_weight(x, f"{prefix}.weight", state[f"{prefix}.weight"])
+            return b.op("Add", [y, W(f"{prefix}.bias")]) if c.bias else y
         bias = [W(f"{prefix}.bias")] if c.bias else []
         return b.op("Gemm", [x, W(f"{prefix}.weight"), *bias], transB=1)
+
+    def lm_head(h: str) -> str:
+        if quant is not None:  # its own copy of wte, quantized like a Linear (the embedding table is int8)
+            return matmul_weight(h, "lm_head.weight", state["transformer.wte.weight"])
+        return b.op("Gemm", [h, wte], transB=1)
 
     def layer_norm(x: str, prefix: str) -> str:
         bias = [W(f"{prefix}.bias")] if c.bias else []
@@ -146,9 +181,16 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
         return b.op("Mul", [b.op("Mul", [x, k("half", 0.5)]), b.op("Add", [inner, k("one", 1.0)])])
 
     # ---- embeddings -> residual stream x [B*S, C]
-    wte = W("transformer.wte.weight")
     wpe = W("transformer.wpe.weight")
-    emb = b.op("Add", [b.op("Gather", [wte, "input_ids"]), b.op("Gather", [wpe, "position_ids"])])
+    if quant is None:
+        wte = W("transformer.wte.weight")
+        tokens = b.op("Gather", [wte, "input_ids"])
+    else:  # rows of the int8 table and their block scales -> [B, S, C]
+        q, scale = b.quantized("transformer.wte.weight", state["transformer.wte.weight"], EMBEDDING_BITS,
+                               quant.block, np_dtype, transpose=False)
+        tokens = b.op("DequantizeLinear", [b.op("Gather", [q, "input_ids"]), b.op("Gather", [scale, "input_ids"])],
+                      axis=2, block_size=quant.block)
+    emb = b.op("Add", [tokens, b.op("Gather", [wpe, "position_ids"])])
     x = b.op("Reshape", [emb, rows_shape])
     for i in range(c.n_layer):
         p = f"transformer.h.{i}"
@@ -165,7 +207,7 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
     # ---- head: tied lm_head = Gemm with wte (transB) -> logits float32
     if all_logits:
         h = layer_norm(x, "transformer.ln_f")
-        logits = b.op("Gemm", [h, wte], transB=1)
+        logits = lm_head(h)
         out_shape = b.op("Concat", [batch, seq, b.const("vocab", np.array([c.vocab_size], np.int64))], axis=0)
         logits = b.op("Reshape", [logits, out_shape])
     else:
@@ -174,7 +216,7 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
                               b.const("int64max", np.array([INT64_MAX], np.int64)),
                               b.const("axis1b", np.array([1], np.int64))])  # [B, 1, C]
         h = layer_norm(b.op("Reshape", [last, rows_shape]), "transformer.ln_f")
-        logits = b.op("Unsqueeze", [b.op("Gemm", [h, wte], transB=1), b.const("axis1c", np.array([1], np.int64))])
+        logits = b.op("Unsqueeze", [lm_head(h), b.const("axis1c", np.array([1], np.int64))])
     if dtype == "float16":
         logits = b.op("Cast", [logits], to=TensorProto.FLOAT)
     b.nodes[-1].output[0] = "logits"  # the last node made the logits: give its output the contract name

@@ -153,7 +153,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, n_vocab: int,
     """logits [batch, vocab_size] (any device) -> next ids [batch] int64 on CPU."""
     logits = logits[:, :n_vocab].float().cpu()
     if params.is_greedy:
-        return logits.argmax(dim=-1)
+        # numpy's argmax (same result: the first maximum, NaN counting as the maximum) runs on this thread;
+        # torch's splits 50k logits across its intra-op pool, whose threads then keep spinning through the
+        # next step and take the cores from ONNX Runtime's own pool (README "Where the loop's time went")
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
     # shift so the largest is 0 first: a tiny temperature then gives -inf / 0, never inf - inf = NaN
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k is not None and params.top_k < n_vocab:

@@ -49,9 +49,11 @@ def resolve_providers(providers: list[str] | str | None) -> list[str]:
 
 class OnnxRuntimeBackend:
     def __init__(self, artifact_dir: str | os.PathLike, providers: list[str] | str | None = None,
-                 threads: int | None = None, verify_hashes: bool = True) -> None:
+                 threads: int | None = None, verify_hashes: bool = True,
+                 session_config: dict[str, str] | None = None) -> None:
         """providers: 'cpu' (default), 'cuda', 'tensorrt' or ORT provider names; threads: ORT intra-op
-        threads (default: ORT's choice); verify_hashes: check every file's sha256 against config.json."""
+        threads (default: ORT's choice); verify_hashes: check every file's sha256 against config.json;
+        session_config: extra ORT session config entries (e.g. session.qdq_matmulnbits_accuracy_level)."""
         import onnxruntime as ort
 
         art = read_artifact(artifact_dir, verify=verify_hashes)
@@ -65,6 +67,8 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(art.model_path), options, providers=self.providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
@@ -75,6 +79,10 @@ class OnnxRuntimeBackend:
             if n not in names:
                 raise ModelError(f"{art.model_path}: graph lacks {n!r} listed in config.json")
         self.rows = self.cache_len = self._capacity = 0
+        # names bound at every run, worked out once (Python per step is per-token cost)
+        self._kv_names = [(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}")
+                          for i in range(self.config.n_layer) for kind in ("key", "value")]
+        self._bind_where = ("cpu" if self.device.type == "cpu" else "cuda", self.device.index or 0)
         self._kv: list[list[list[torch.Tensor]]] | None = None
         self._no_past = torch.zeros(1, dtype=self.kv_dtype, device=self.device)  # a real address for past 0
         self._logits = torch.empty(0, 1, self.config.vocab_size, dtype=torch.float32, device=self.device)
@@ -196,10 +204,14 @@ class OnnxRuntimeBackend:
         feeds = [t.to(self.device, torch.int64).contiguous() for t in (input_ids, attention_mask, position_ids)]
         for name, t in zip(("input_ids", "attention_mask", "position_ids"), feeds):
             self._bind(binding, name, t, tuple(t.shape))
-        for i in range(c.n_layer):
-            for j, kind in enumerate(("key", "value")):
-                self._bind(binding, f"past_key_values.{i}.{kind}", past[i][j], (B, c.n_head, P, c.head_dim))
-                self._bind(binding, f"present.{i}.{kind}", present[i][j], (B, c.n_head, T, c.head_dim), output=True)
+        bind_in, bind_out = binding.bind_input, binding.bind_output
+        (where, index), kv_type = self._bind_where, NP_DTYPES[self.kv_dtype]
+        past_shape, present_shape = [B, c.n_head, P, c.head_dim], [B, c.n_head, T, c.head_dim]
+        past_bufs = [t for kv in past for t in kv]
+        present_bufs = [t for kv in present for t in kv]
+        for (past_name, present_name), src, dst in zip(self._kv_names, past_bufs, present_bufs):
+            bind_in(past_name, where, index, kv_type, past_shape, src.data_ptr())
+            bind_out(present_name, where, index, kv_type, present_shape, dst.data_ptr())
         self._bind(binding, "logits", logits, tuple(logits.shape), output=True)
         self.session.run_with_iobinding(binding)
         del feeds  # kept alive until the run finished
@@ -218,6 +230,8 @@ class OnnxRuntimeBackend:
         self._run(self._binding, input_ids, attention_mask, position_ids, self._kv[self._cur], P,
                   self._kv[1 - self._cur], logits)
         self.rows, self.cache_len, self._cur = B, T, 1 - self._cur
+        if self.device.type == "cpu":  # a numpy copy stays on this thread (torch's clone of 50k floats would not)
+            return torch.from_numpy(logits[:, -1].numpy().copy())
         return logits[:, -1].clone()
 
     def present(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -3,6 +3,7 @@ byte/FLOP model and the transformers anchor are right. No timing is asserted any
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -19,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 GPT2_124M_PARAMS = 124_439_808  # transformers GPT2LMHeadModel("gpt2").num_parameters(), tied head counted once
 HF_LOGITS_ATOL = 1e-4  # fp32 logits, same weights, two implementations
 RUNTIME_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed")
+# the CI smoke run: every kind of row (the peers where installed), not every precision of each
+QUICK_BACKENDS = (*RUNTIME_BACKENDS, "ort-int4", "bare-fp32", "ct2-fp32", "genai-fp32", "tensorrt")
+FP32_ROWS = (*RUNTIME_BACKENDS, "bare-fp32", "ct2-fp32", "genai-fp32")  # must match torch's greedy tokens
+PEERS = {"ct2-fp32": "ctranslate2", "genai-fp32": "onnxruntime_genai"}
 
 
 def run_bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -29,7 +34,8 @@ def run_bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("bench")
-    return run_bench("--quick", "--out", str(out / "out"), "--cache", str(out / "cache")), out / "out"
+    return run_bench("--quick", "--backends", ",".join(QUICK_BACKENDS), "--out", str(out / "out"), "--cache",
+                     str(out / "cache")), out / "out"
 
 
 def test_quick_run_writes_json_markdown_and_png(quick):
@@ -41,10 +47,13 @@ def test_quick_run_writes_json_markdown_and_png(quick):
     assert doc["machine"]["packages"]["torch"] == torch.__version__
     assert doc["bandwidth"]["gb_per_s"]["median"] > 0
     assert doc["gemm"]["gflop_per_s"]["median"] > 0
-    assert set(doc["results"]) == {*RUNTIME_BACKENDS, "tensorrt"}
+    assert set(doc["results"]) == set(QUICK_BACKENDS)
     settings = doc["settings"]
-    for name in RUNTIME_BACKENDS:
+    for name in (*FP32_ROWS, "ort-int4"):
         r = doc["results"][name]
+        if name in PEERS and importlib.util.find_spec(PEERS[name]) is None:
+            assert r["status"] == "skipped" and "not installed" in r["reason"]
+            continue
         assert r["status"] == "ok", (name, r.get("reason"))
         assert set(r["prefill"]) == {str(n) for n in settings["prefill_lens"]}
         assert set(r["decode"]) == {str(b) for b in settings["batches"]}
@@ -53,9 +62,12 @@ def test_quick_run_writes_json_markdown_and_png(quick):
             assert len(s["values"]) == settings["repeats"] and s["min"] <= s["median"] <= s["max"]
         assert r["memory"]["peak_rss_mb"] > 0
         assert 0 < r["derived"]["decode"]["1"]["bandwidth_limit_share"]
-        # every backend decodes the same greedy tokens as the torch reference (fp32, tiny model)
+        # every fp32 row decodes the same greedy tokens as the torch reference (tiny model); int4 cannot
         same = r["derived"]["greedy_tokens_same_as_torch"]
-        assert same["identical_prefix"] == same["of"] == settings["new_tokens"], name
+        if name != "ort-int4":
+            assert same["identical_prefix"] == same["of"] == settings["new_tokens"], name
+    assert doc["artifact_bytes"]["int4"]["file"] < 0.4 * doc["artifact_bytes"]["fused"]["file"]
+    assert doc["quant_targets"]["int4_file_share"]["met"]
     assert doc["results"]["tensorrt"]["status"] in ("ok", "skipped")
     assert set(doc["results"]["ort-fused"]["targets"]) >= {"b1_bandwidth_share", "b1_vs_transformers"}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -153,6 +165,24 @@ def test_targets_are_judged_against_the_measured_limits():
     assert "3.50× missed by 1" in md and "95% met" in md and "Warning" not in md
 
 
+def test_quantization_and_peer_targets():
+    from benchmarks import report
+
+    def row(b1: float, b8: float) -> dict:
+        return {"status": "ok", "decode": {str(b): {"tokens_per_s": {"median": t}} for b, t in ((1, b1), (8, b8))}}
+
+    results = {"ort-int4": row(260.0, 700.0), "ct2-int8": row(180.0, 600.0), "ort-int8": row(140.0, 500.0),
+               "ort-fused": row(48.0, 190.0), "bare-fp32": row(50.0, 200.0), "bare-int4": row(280.0, 720.0)}
+    t = report.quant_targets(results, {"int4": {"file": 120}, "fused": {"file": 500}})
+    assert t["int4_b1"]["met"] and t["int4_b1_vs_ct2_int8"]["measured"] == pytest.approx(260 / 180)
+    assert t["int4_b1_vs_ct2_int8"]["met"] and t["int4_b8_vs_ct2_int8"]["met"]
+    assert not t["int8_b1"]["met"] and t["int8_b1"]["shortfall_pct"] == pytest.approx(100 * 10 / 150)
+    assert t["fp32_b1_vs_bare"]["met"]  # 0.96 >= 0.95
+    assert not t["int4_b1_vs_bare"]["met"]  # 0.929 < 0.95
+    assert t["int4_file_share"]["measured"] == pytest.approx(0.24) and t["int4_file_share"]["met"]
+    assert report.quant_targets({}, {})["int4_b1"]["measured"] is None
+
+
 def test_ort_profile_breaks_a_decode_step_down_by_operator(quick, tmp_path):
     from benchmarks.profile_ort import profile_decode
 
@@ -182,3 +212,13 @@ def test_serve_load_test_quick(tmp_path):
     assert online["server_exit_status"] == 0
     assert doc["offline"]["decode_tokens_per_s"]["median"] > 0 and online["tokens_per_s"] > 0
     assert "server ÷ offline" in (tmp_path / "out" / "serve.md").read_text()
+
+
+@pytest.mark.parametrize("backend,module", [("ct2-int8", "ctranslate2"), ("genai-fp32", "onnxruntime_genai")])
+def test_missing_peer_is_skipped_with_the_reason(backend, module, monkeypatch, tmp_path):
+    from benchmarks.worker import Unavailable, open_for_bench
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(Unavailable, match="not installed"):
+        open_for_bench({"backend": backend, "model_src": "demo", "artifact": str(tmp_path), "threads": 1,
+                        "workdir": str(tmp_path)})

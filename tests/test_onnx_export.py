@@ -96,7 +96,7 @@ def test_artifact_config_and_hashes(fused):
     cfg = json.loads((fused / "config.json").read_text())
     assert GPTConfig.from_dict(cfg["model"]) == CONFIG
     assert cfg["tokenizer"]["type"] == "char"
-    assert cfg["files"] == {"model.onnx": sha256_file(fused / "model.onnx")}
+    assert cfg["files"] == {name: sha256_file(fused / name) for name in ("model.onnx", "genai_config.json")}
     e = cfg["export"]
     assert (e["opset"], e["dtype"], e["graph"], e["logits"], e["max_seq_len"]) == (23, "float32", "fused", "last", 128)
     assert set(e["versions"]) == {"torch", "onnx", "onnxruntime", "gptdeploy"}
@@ -126,7 +126,8 @@ def test_gpt2_tokenizer_files_travel_with_artifact(tmp_path):
     save_checkpoint(GPT(GPTConfig.preset("tiny", vocab_size=50257)), gpt2_tokenizer(), tmp_path / "src")
     export_artifact(tmp_path / "src", tmp_path / "art", max_seq_len=32, verify=False, log=quiet)
     art = read_artifact(tmp_path / "art")
-    assert set(art.files) == {"model.onnx", "encoder.json", "vocab.bpe"}
+    assert set(art.files) == {"model.onnx", "encoder.json", "vocab.bpe", "genai_config.json", "tokenizer.json",
+                              "tokenizer_config.json"}
     assert art.export["max_seq_len"] == 32
     assert art.tokenizer.decode(art.tokenizer.encode("Hello world")) == "Hello world"
 
@@ -252,7 +253,7 @@ def test_external_data_artifact(src, tmp_path, monkeypatch):
     monkeypatch.setattr(export.onnx, "EXTERNAL_DATA_BYTES", 0)
     summary = export_artifact(src, tmp_path / "ext", verify_steps=2, report_cases=2, log=quiet)
     art = read_artifact(tmp_path / "ext")
-    assert art.export["external_data"] and set(art.files) == {"model.onnx", "model.onnx.data"}
+    assert art.export["external_data"] and set(art.files) == {"model.onnx", "model.onnx.data", "genai_config.json"}
     assert (tmp_path / "ext" / "model.onnx").stat().st_size < 100_000
     assert summary["verify"]["max_abs_diff"] <= 1e-4
     ref, _ = load_model(src)

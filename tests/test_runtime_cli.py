@@ -176,6 +176,8 @@ def _other_opset(artifact: Path, tmp_path: Path) -> Path:
 
     other = tmp_path / "opset99"
     other.mkdir()
+    for f in artifact.iterdir():  # the other files as they are
+        (other / f.name).write_bytes(f.read_bytes())
     proto = onnx.load(str(artifact / "model.onnx"))
     for imp in proto.opset_import:
         if imp.domain in ("", "ai.onnx"):

@@ -329,3 +329,18 @@ def test_padded_vocabulary_rows_are_never_generated():
                    SamplingParams(max_new_tokens=20, temperature=1.0, top_k=None, seed=0)):
         result = generate(backend, [tok.encode("ab")], params)
         assert len(result.tokens[0]) == 20 and max(result.tokens[0]) < len(CHARS)
+
+
+def test_greedy_pick_equals_torch_argmax_ties_nan_and_padding():
+    """Greedy picks with numpy (off torch's thread pool) and must pick exactly what torch.argmax picks."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 50304, generator=g)
+    logits[1, [7, 9000, 40000]] = 50.0  # a three-way tie: the first maximum
+    logits[2, 123] = float("nan")  # NaN counts as the maximum
+    logits[3, 50300] = 99.0  # a padded row beyond n_vocab is never picked
+    params = SamplingParams(greedy=True)
+    got = sample_next(logits, params, 50257, None)
+    assert got.dtype == torch.int64 and got.tolist() == logits[:, :50257].argmax(-1).tolist()
+    assert got[1] == 7 and got[2] == 123 and got[3] < 50257
+    assert sample_next(logits[:, :100].T.contiguous().T, params, 100, None).tolist() == \
+        logits[:, :100].argmax(-1).tolist()  # a non-contiguous view

@@ -1,0 +1,189 @@
+"""Weight-only int8/int4 export: the quantizer, the graph ONNX Runtime actually runs (MatMulNBits), its verify
+step on real trained weights (the bundled demo model and the nanoGPT-layout checkpoint), one-line errors, and
+the genai_config.json that lets onnxruntime-genai run an artifact."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.artifact import read_artifact
+from export.onnx import ORT_EXACT_MATMULNBITS, count_ort_optimized, export_artifact, main
+from export.quality import QUALITY_BOUNDS
+from export.quantize import QMAX, make_spec, pack_int4, quantize_blocks, unpack_int4
+from model.demo.train import NANOGPT_DIR
+from model.errors import ModelError
+from model.load import load_model
+from runtime.generation import SamplingParams, generate
+from runtime.ort_backend import OnnxRuntimeBackend
+
+logs: list[str] = []
+
+
+def keep(line: str) -> None:
+    logs.append(line)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_blocks_error_within_half_a_step(bits):
+    w = np.random.default_rng(0).standard_normal((24, 128)).astype(np.float32)
+    q, scale = quantize_blocks(w, bits, 32, search=False)
+    assert q.dtype == np.int8 and scale.shape == (24, 4)
+    assert np.abs(q).max() <= QMAX[bits]
+    deq = q.astype(np.float32) * np.repeat(scale, 32, axis=1)
+    assert np.all(np.abs(deq - w) <= np.repeat(scale, 32, axis=1) / 2 + 1e-7)
+    # the scale search never does worse than plain max-abs scaling
+    q2, s2 = quantize_blocks(w, bits, 32, search=True)
+    assert np.square(q2 * np.repeat(s2, 32, axis=1) - w).sum() <= np.square(deq - w).sum() + 1e-6
+
+
+def test_int4_packing_roundtrip():
+    q = np.random.default_rng(1).integers(-8, 8, 77).astype(np.int8)
+    raw = pack_int4(q)
+    assert len(raw) == 39 and raw[0] == (q[0] & 0xF) | ((q[1] & 0xF) << 4)  # first value in the low nibble
+    assert np.array_equal(unpack_int4(raw, 77), q)
+
+
+def test_spec_rejects_bad_blocks():
+    assert make_spec(None, None, [64, 256]) is None
+    assert make_spec("int4", None, [64, 256]).block == 32
+    for block, msg in [(48, "power of two"), (8, "power of two"), (128, "does not divide")]:
+        with pytest.raises(ValueError, match=msg):
+            make_spec("int4", block, [64, 256])
+    with pytest.raises(ValueError, match="needs --quantize"):
+        make_spec(None, 32, [64])
+
+
+@pytest.fixture(scope="module")
+def demo_int4(tmp_path_factory, one_thread) -> Path:
+    out = tmp_path_factory.mktemp("quant") / "demo-int4"
+    logs.clear()
+    export_artifact("demo", out, quantize="int4", verify=True, log=keep)
+    return out
+
+
+def test_int4_export_graph_and_what_onnxruntime_runs(demo_int4):
+    art = read_artifact(demo_int4)
+    c, q = art.config, art.export["quantization"]
+    assert q["bits"] == 4 and q["block_size"] == 32 and q["symmetric"]
+    counts = art.export["node_counts"]
+    assert counts["MatMul"] == 4 * c.n_layer + 1 and counts.get("Gemm", 0) == 0  # every Linear + lm_head
+    assert counts["DequantizeLinear"] == 4 * c.n_layer + 2  # + the int8 embedding table
+    proto = onnx.load(str(art.model_path))
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    assert types["transformer.h.0.mlp.c_fc.weight.q"] == onnx.TensorProto.INT4
+    assert types["lm_head.weight.q"] == onnx.TensorProto.INT4
+    assert types["transformer.wte.weight.q"] == onnx.TensorProto.INT8
+    assert "transformer.h.0.mlp.c_fc.weight" not in types
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear":
+            attrs = {a.name: a.i for a in node.attribute}
+            assert attrs["block_size"] == 32 and len(node.input) == 2  # no zero point: symmetric
+    # ONNX Runtime's optimized graph: every quantized matmul became com.microsoft.MatMulNBits
+    ran = art.export["quantization"]["onnxruntime_optimized"]
+    assert ran["MatMulNBits"] == 4 * c.n_layer + 1 and ran.get("MatMul", 0) == 0
+    assert count_ort_optimized(art.model_path, ORT_EXACT_MATMULNBITS)["MatMulNBits"] == 4 * c.n_layer + 1
+
+
+def test_int4_verify_states_bound_and_passes_on_trained_weights(demo_int4):
+    text = "\n".join(logs)
+    assert "bound for int4: val loss <= fp32 + 0.05, top-1 >= 0.9" in text
+    v = read_artifact(demo_int4).export["verify"]
+    assert v["decode"]["max_abs_diff"] <= 1e-4 and v["decode"]["greedy_identical"]
+    quality = v["quality"]
+    assert quality["loss_increase"] <= QUALITY_BOUNDS["int4"]["max_loss_increase"]
+    assert quality["top1_agreement"] >= QUALITY_BOUNDS["int4"]["min_top1"]
+    assert 1.3 < quality["val_loss_fp32"] < 1.7  # the demo model on held-out text (trained to 1.50)
+
+
+def test_int4_file_and_generation(demo_int4, tmp_path):
+    backend = OnnxRuntimeBackend(demo_int4)
+    _, tok = load_model("demo")
+    r = generate(backend, [tok.encode("ROMEO:\n")], SamplingParams(max_new_tokens=24, greedy=True))
+    assert len(r.tokens[0]) == 24 and r.texts[0].strip()
+
+
+def test_nanogpt_checkpoint_int8_export(tmp_path, one_thread):
+    """The nanoGPT-layout checkpoint trained by model/demo/train.py --layout nanogpt (bias=False, padded
+    vocabulary, _orig_mod. keys, meta.pkl): int8 passes its stated bound."""
+    lines: list[str] = []
+    export_artifact(NANOGPT_DIR / "ckpt.pt", tmp_path / "ng-int8", quantize="int8", quant_block=64, verify=True,
+                    log=lines.append)
+    text = "\n".join(lines)
+    assert "bound for int8: val loss <= fp32 + 0.01, top-1 >= 0.97" in text
+    quality = read_artifact(tmp_path / "ng-int8").export["verify"]["quality"]
+    assert quality["loss_increase"] <= 0.01 and quality["top1_agreement"] >= 0.97
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for argv, msg in [
+        (["--quantize", "int4", "--opset", "18"], "needs --opset >= 21"),
+        (["--quantize", "int4", "--quant-block", "48"], "power of two"),
+        (["--quantize", "int4", "--quant-block", "128"], "does not divide"),
+        (["--quant-block", "32"], "needs --quantize"),
+    ]:
+        with pytest.raises(ModelError, match=msg):
+            main(["--model", "demo", "--out", str(tmp_path / "x"), *argv])
+        assert not (tmp_path / "x").exists()
+
+
+def test_quantized_artifact_is_not_read_back_as_weights(demo_int4):
+    with pytest.raises(ModelError, match="quantized"):
+        load_model(demo_int4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed")
+def test_onnxruntime_genai_runs_the_artifact_with_our_greedy_tokens(tmp_path, one_thread):
+    import onnxruntime_genai as og
+
+    out = tmp_path / "demo-fp32"
+    export_artifact("demo", out, verify=False, log=keep)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "decoder"
+    _, tok = load_model("demo")
+    prompt = tok.encode("First Citizen:\nBefore we proceed")
+    new = 48
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    theirs = [int(t) for t in gen.get_sequence(0)[len(prompt):]]
+    ours = generate(OnnxRuntimeBackend(out), [prompt], SamplingParams(max_new_tokens=new, greedy=True)).tokens[0]
+    assert theirs == ours and len(ours) == new
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed")
+def test_genai_tokenizer_files_for_gpt2_bpe(tmp_path, one_thread):
+    """A GPT-2-vocabulary artifact carries tokenizer.json: genai's tokenizer encodes like ours."""
+    import onnxruntime_genai as og
+
+    from model.config import GPTConfig
+    from model.gpt import GPT
+    from model.load import save_checkpoint
+    from model.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    save_checkpoint(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)), gpt2_tokenizer(), tmp_path / "src")
+    export_artifact(tmp_path / "src", tmp_path / "art", verify=False, log=keep)
+    tokenizer = og.Tokenizer(og.Model(str(tmp_path / "art")))
+    text = "Hello world, it's 2026: naïve café!"
+    assert list(tokenizer.encode(text)) == gpt2_tokenizer().encode(text)
+    assert tokenizer.decode(np.array(gpt2_tokenizer().encode(text), dtype=np.int32)) == text
+
+
+def test_float16_int4_export_verifies_with_the_fp16_parity_bound(tmp_path, one_thread):
+    lines: list[str] = []
+    export_artifact(NANOGPT_DIR / "ckpt.pt", tmp_path / "ng-int4-fp16", dtype="float16", quantize="int4",
+                    verify=True, log=lines.append)
+    export = read_artifact(tmp_path / "ng-int4-fp16").export
+    assert export["dtype"] == "float16" and export["quantization"]["bits"] == 4
+    assert export["quantization"]["onnxruntime_optimized"]["MatMulNBits"] == 4 * 4 + 1
+    assert export["verify"]["quality"]["top1_agreement"] >= 0.90
