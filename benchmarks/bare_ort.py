@@ -13,25 +13,18 @@ from typing import Any
 
 import numpy as np
 
-KV_NP = {"float32": np.float32, "float16": np.float16}
+from benchmarks.stats import Timed
+from export.session import open_session
+from model.artifact import KV_KINDS, NP_DTYPES, past_name, present_name, read_artifact
 
 
 class BareOrtLoop:
     def __init__(self, artifact: str | Path, threads: int | None = None,
                  session_config: dict[str, str] | None = None) -> None:
-        import onnxruntime as ort
-
-        from export.artifact import read_artifact
-
         art = read_artifact(artifact, verify=False)
-        self.config, self.tokenizer, self.export = art.config, art.tokenizer, art.export
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, value)
-        self.session = ort.InferenceSession(str(art.model_path), options, providers=["CPUExecutionProvider"])
-        self.kv_dtype = KV_NP[self.export.get("dtype", "float32")]
+        self.config, self.tokenizer, self.spec = art.config, art.tokenizer, art.spec
+        self.session = open_session(art.model_path, art.config, ["CPUExecutionProvider"], threads, session_config)
+        self.kv_dtype = NP_DTYPES[self.spec.dtype]
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, np.ndarray]:
         """prompt [B, P] int64 (no padding) -> (prefill seconds, decode seconds, new tokens [B, new_tokens])."""
@@ -56,9 +49,9 @@ class BareOrtLoop:
             bind("attention_mask", m, m.shape)
             bind("position_ids", pos, pos.shape)
             for i in range(c.n_layer):
-                for j, kind in enumerate(("key", "value")):
-                    bind(f"past_key_values.{i}.{kind}", kv[cur][i][j], (B, c.n_head, past, c.head_dim))
-                    bind(f"present.{i}.{kind}", kv[1 - cur][i][j], (B, c.n_head, past + S, c.head_dim), output=True)
+                for j, kind in enumerate(KV_KINDS):
+                    bind(past_name(i, kind), kv[cur][i][j], (B, c.n_head, past, c.head_dim))
+                    bind(present_name(i, kind), kv[1 - cur][i][j], (B, c.n_head, past + S, c.head_dim), output=True)
             bind("logits", logits, logits.shape, output=True)
             self.session.run_with_iobinding(binding)
             return logits[:, -1, :n_vocab].argmax(-1)
@@ -75,7 +68,7 @@ class BareOrtLoop:
         return t1 - t0, t2 - t1, out
 
 
-def run_bare(loop: BareOrtLoop, prompt: Any, new_tokens: int) -> tuple[float, int, float, list[int]]:
-    """The benchmark worker's Timed tuple (prefill s, decode tokens, decode s, row 0's tokens)."""
+def run_bare(loop: BareOrtLoop, prompt: Any, new_tokens: int) -> Timed:
+    """The bare loop timed as the benchmark worker times every row."""
     prefill_s, decode_s, out = loop.generate(np.asarray(prompt, np.int64), new_tokens)
-    return prefill_s, (new_tokens - 1) * out.shape[0], decode_s, out[0].tolist()
+    return Timed(prefill_s, (new_tokens - 1) * out.shape[0], decode_s, out[0].tolist())

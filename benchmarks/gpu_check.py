@@ -266,7 +266,7 @@ def section_torch_backend(ctx: dict) -> dict:
     from model.gpt import GPT
     from model.load import load_model
     from runtime.demo import GREEDY_PROMPTS
-    from runtime.generation import SamplingParams, generate
+    from runtime.loop import SamplingParams, generate
     from runtime.torch_backend import TorchBackend
 
     class Backend(TorchBackend):  # verify_decode sizes its run from max_seq_len
@@ -335,7 +335,7 @@ def section_tensorrt(ctx: dict) -> dict:
     from export.trt import build_engine
     from model.load import load_model
     from runtime.demo import GREEDY_PROMPTS
-    from runtime.generation import SamplingParams, generate
+    from runtime.loop import SamplingParams, generate
     from runtime.trt_backend import TensorRTBackend
 
     model, tok = load_model("demo")

@@ -7,7 +7,7 @@
   intra-op threads set the way the other rows' are.
 
 Both are optional: a missing package makes the row "skipped" with the reason. Every runner returns the
-worker's Timed tuple (prefill s, decode tokens, decode s, row 0's new tokens).
+worker's Timed (benchmarks/stats.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.stats import Timed
+from export.genai import GENAI_CONFIG
+from model.load import load_model
 
 
 class PeerUnavailable(Exception):
@@ -77,8 +81,6 @@ def open_ct2(model_src: str, quantization: str, threads: int | None, workdir: Pa
         import ctranslate2
     except ImportError:
         raise PeerUnavailable("CTranslate2 is not installed (pip install ctranslate2)") from None
-    from model.load import load_model
-
     model, _ = load_model(model_src)
     out = Path(tempfile.mkdtemp(prefix=f"ct2-{quantization}-", dir=workdir))
     convert_ct2(model, out, None if quantization == "float32" else quantization)
@@ -87,7 +89,7 @@ def open_ct2(model_src: str, quantization: str, threads: int | None, workdir: Pa
                                  intra_threads=threads or 0, inter_threads=1)
 
 
-def run_ct2(generator: Any, prompt: Any, new_tokens: int) -> tuple[float, int, float, list[int]]:
+def run_ct2(generator: Any, prompt: Any, new_tokens: int) -> Timed:
     """Greedy, exactly new_tokens per row (min_length = max_length: no early end token). The callback sees
     every token as it is produced: prefill ends at the first one, decode at the last."""
     prompt = np.asarray(prompt)
@@ -101,7 +103,7 @@ def run_ct2(generator: Any, prompt: Any, new_tokens: int) -> tuple[float, int, f
     tokens = out[0].sequences_ids[0]
     if len(tokens) != new_tokens:
         raise RuntimeError(f"CTranslate2 generated {len(tokens)} tokens, not {new_tokens}")
-    return first_token - t0, (new_tokens - 1) * len(prompt), times[-1] - first_token, list(tokens)
+    return Timed(first_token - t0, (new_tokens - 1) * len(prompt), times[-1] - first_token, list(tokens))
 
 
 def open_genai(artifact: str, threads: int | None, workdir: Path) -> Any:
@@ -111,8 +113,6 @@ def open_genai(artifact: str, threads: int | None, workdir: Path) -> Any:
         import onnxruntime_genai as og
     except ImportError:
         raise PeerUnavailable("onnxruntime-genai is not installed (pip install onnxruntime-genai)") from None
-    from export.genai import GENAI_CONFIG
-
     src = Path(artifact)
     if not (src / GENAI_CONFIG).is_file():
         raise RuntimeError(f"{src}: no {GENAI_CONFIG} (exported before genai support?)")
@@ -127,7 +127,7 @@ def open_genai(artifact: str, threads: int | None, workdir: Path) -> Any:
     return og.Model(str(view))
 
 
-def run_genai(model: Any, prompt: Any, new_tokens: int) -> tuple[float, int, float, list[int]]:
+def run_genai(model: Any, prompt: Any, new_tokens: int) -> Timed:
     """Greedy through genai's own loop: append_tokens runs the prompt, each generate_next_token picks a token
     (and, from the second on, first runs the model on the previous one)."""
     import onnxruntime_genai as og
@@ -148,4 +148,4 @@ def run_genai(model: Any, prompt: Any, new_tokens: int) -> tuple[float, int, flo
     tokens = [int(t) for t in gen.get_sequence(0)[P:]]
     if len(tokens) != new_tokens:
         raise RuntimeError(f"onnxruntime-genai generated {len(tokens)} tokens, not {new_tokens}")
-    return t1 - t0, (new_tokens - 1) * B, t2 - t1, tokens
+    return Timed(t1 - t0, (new_tokens - 1) * B, t2 - t1, tokens)

@@ -1,12 +1,12 @@
 """Where an onnxruntime decode step spends its time, from ORT's own profiler.
 
-    python -m benchmarks.profile_ort --artifact DIR [--batch 1] [--prompt-len 32] [--steps 32]
+    python -m benchmarks.profile_ort --model DIR [--batch 1] [--prompt-len 32] [--new-tokens 32] [--out DIR]
 
 Runs the OnnxRuntimeBackend (IO binding, preallocated KV cache, as the benchmark does) with
 profiling switched on, then prints for the decode steps only: wall time per step, the time
 inside kernels per step grouped by operator type, and the rest (ORT's per-run and per-node
 overhead plus the Python side). The raw ORT trace (chrome://tracing format) is kept in
---trace-dir as ort_profile_*.json.
+--out as ort_profile_*.json.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import onnxruntime as ort
+import torch
+
+from model.artifact import read_artifact
 from model.errors import CliParser, ModelError, run_cli
+from runtime.ort_backend import OnnxRuntimeBackend
 
 
 def profile_decode(artifact: str, batch: int, prompt_len: int, steps: int, threads: int | None,
                    trace_dir: Path) -> dict:
-    import onnxruntime as ort
-    import torch
-
-    from export.artifact import read_artifact
-    from runtime.ort_backend import OnnxRuntimeBackend
-
     if threads:  # the Python side (argmax, copies) uses torch: keep it to the same thread budget
         torch.set_num_threads(threads)
     backend = OnnxRuntimeBackend(artifact, threads=threads)
@@ -69,7 +68,7 @@ def profile_decode(artifact: str, batch: int, prompt_len: int, steps: int, threa
     kernel_ms = sum(per_op.values()) / 1e3 / n
     run_ms = statistics.median(e["dur"] for e in decode_runs) / 1e3 if decode_runs else float("nan")
     return {
-        "artifact": artifact, "graph": backend.export.get("graph"), "batch": batch, "prompt_len": prompt_len,
+        "artifact": artifact, "graph": backend.spec.graph, "batch": batch, "prompt_len": prompt_len,
         "steps": steps, "threads": backend.session.get_session_options().intra_op_num_threads,
         "step_wall_ms_median": statistics.median(walls) * 1e3,
         "ort_run_ms_median": run_ms,
@@ -84,18 +83,19 @@ def profile_decode(artifact: str, batch: int, prompt_len: int, steps: int, threa
 
 def main(argv: list[str] | None = None) -> int:
     p = CliParser(prog="python -m benchmarks.profile_ort", description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifact", required=True, help="artifact folder written by python -m export.onnx")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--model", required=True, metavar="DIR", help="artifact folder written by python -m export.onnx")
+    p.add_argument("--batch", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps profiled (default: %(default)s)")
     p.add_argument("--threads", type=int, help="ORT intra-op and torch threads (default: their own choice)")
-    p.add_argument("--trace-dir", type=Path, default=Path("."), help="where ORT writes its trace (default .)")
+    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                   help="where ORT writes its trace (default: %(default)s)")
     a = p.parse_args(argv)
-    if min(a.batch, a.prompt_len, a.steps) < 1:
-        raise ModelError("--batch, --prompt-len and --steps must be >= 1")
-    if not a.trace_dir.is_dir():
-        raise ModelError(f"--trace-dir {a.trace_dir}: not a folder")
-    r = profile_decode(a.artifact, a.batch, a.prompt_len, a.steps, a.threads, a.trace_dir)
+    if min(a.batch, a.prompt_len, a.new_tokens) < 1:
+        raise ModelError("--batch, --prompt-len and --new-tokens must be >= 1")
+    if not a.out.is_dir():
+        raise ModelError(f"--out {a.out}: not a folder")
+    r = profile_decode(a.model, a.batch, a.prompt_len, a.new_tokens, a.threads, a.out)
     print(f"{r['graph']} graph, batch {r['batch']}, {r['steps']} decode steps after a {r['prompt_len']}-token "
           f"prompt, {r['threads']} intra-op threads, {r['nodes_per_step']:.0f} kernels per step")
     wall, run, kern = r["step_wall_ms_median"], r["ort_run_ms_median"], r["kernel_ms_per_step"]

@@ -27,9 +27,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import onnx
+import torch
+
+from benchmarks import report
+from benchmarks.machine import cpu_snapshot, gemm_peak, load_average, machine_info, other_cpu_share, read_bandwidth
 from benchmarks.worker import ALL_BACKENDS, ARTIFACT_OF
-from export.artifact import write_atomic
+from export.onnx import export_artifact
+from model.artifact import DEFAULT_OPSET, MODEL_FILE, Q_SUFFIX, SCALE_SUFFIX
+from model.config import GPTConfig
 from model.errors import CliParser, ModelError, run_cli
+from model.files import write_atomic
+from model.gpt import GPT
+from model.load import load_model, save_checkpoint
+from model.tokenizer import char_tokenizer, gpt2_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "out" / "bench"
@@ -143,13 +154,6 @@ def drop_stale(current: Path, pattern: str) -> None:
 
 def prepare_model(settings: dict, src: str | None, cache: Path) -> tuple[str, Any, int, str]:
     """-> (source the workers load, GPTConfig, tokenizer n_vocab, description)."""
-    import torch
-
-    from model.config import GPTConfig
-    from model.gpt import GPT
-    from model.load import load_model, save_checkpoint
-    from model.tokenizer import char_tokenizer, gpt2_tokenizer
-
     if src is not None:
         if Path(src).exists():  # the workers run from the repository root
             src = str(Path(src).resolve())
@@ -178,8 +182,6 @@ def prepare_model(settings: dict, src: str | None, cache: Path) -> tuple[str, An
 
 def prepare_artifact(model_src: str, kind: str, cache: Path) -> Path:
     """kind: fused | decomposed (fp32) | int8 | int4 (weight-only quantized fused graph, default block)."""
-    from export.onnx import DEFAULT_OPSET, export_artifact
-
     opset = DECOMPOSED_OPSET if kind == "decomposed" else DEFAULT_OPSET
     quantize = kind if kind in ("int8", "int4") else None
     out = cache / f"onnx-{kind}-{source_key(model_src)}-{code_hash('export', 'model')}"
@@ -191,7 +193,7 @@ def prepare_artifact(model_src: str, kind: str, cache: Path) -> Path:
     # a quantized graph's quality is judged on trained weights (its export's verify step and the README);
     # on the benchmark's random weights only its graph is checked (ORT's fusion and the fp32-compute parity)
     export_artifact(model_src, out, graph="decomposed" if kind == "decomposed" else "fused", opset=opset,
-                    verify=True, verify_steps=4, report_cases=0, quantize=quantize, quality_seqs=0,
+                    verify=True, verify_steps=4, parity_cases=0, quantize=quantize, quality_seqs=0,
                     log=lambda s: log("  " + s))
     return out
 
@@ -199,11 +201,6 @@ def prepare_artifact(model_src: str, kind: str, cache: Path) -> Path:
 def artifact_weight_bytes(artifact: Path) -> dict[str, int]:
     """model.onnx's size, and the weight bytes one decode step reads: every initializer, except that of the
     position table and of an int8 token-embedding table (quantized graphs) only one row per token is read."""
-    import onnx
-
-    from export.artifact import MODEL_FILE
-    from export.quantize import Q_SUFFIX, SCALE_SUFFIX
-
     proto = onnx.load(str(artifact / MODEL_FILE), load_external_data=True)
     sizes = {t.name: len(t.raw_data) for t in proto.graph.initializer}
     dims = {t.name: list(t.dims) for t in proto.graph.initializer}
@@ -251,10 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.model is not None and a.quick:
         raise ModelError("--quick uses its own tiny model; drop --model or --quick")
     started = time.perf_counter()
-
-    from benchmarks import report
-    from benchmarks.machine import cpu_snapshot, gemm_peak, load_average, machine_info, other_cpu_share, read_bandwidth
-
     cpu_start = cpu_snapshot()
     cache: Path = a.cache.resolve()
     try:
@@ -272,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelError(f"cannot create {e.filename}: {e.strerror}") from None
 
     if settings["threads"]:
-        import torch
-
         torch.set_num_threads(settings["threads"])
     log("measuring memory read bandwidth and fp32 GEMM peak ...")
     machine = machine_info()

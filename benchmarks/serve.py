@@ -5,11 +5,11 @@
     python -m benchmarks.serve --quick            # the demo model, 4 clients, a few seconds (CI smoke test)
 
 In one run, on one artifact:
-1. offline: runtime.generation.generate on a batch of --clients prompts (greedy, --max-tokens new tokens
+1. offline: runtime.loop.generate on a batch of --clients prompts (greedy, --max-new-tokens new tokens
    each, end-of-text ignored), decode tokens/s = the batch's decode throughput (median of --offline-repeats);
 2. online: the server on a free 127.0.0.1 port with --max-batch = --clients; each client sends one
-   streaming /v1/completions request after another (the same prompt length, max_tokens drawn from
-   --max-tokens/2 .. --max-tokens so that rows finish at different steps and others join, greedy,
+   streaming /v1/completions request after another (the same prompt length, max_new_tokens drawn from
+   --max-new-tokens/2 .. --max-new-tokens so that rows finish at different steps and others join, greedy,
    ignore_eos) until --duration seconds have passed, then finishes the one it has in flight;
    aggregate tokens/s = completion tokens (the final usage of each stream) / time from the first
    request to the last token. Time to first token and inter-token latency (between content chunks)
@@ -32,20 +32,27 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from export.artifact import write_atomic
+from benchmarks.machine import cpu_snapshot, machine_info, other_cpu_share
+from benchmarks.run import prepare_artifact, prepare_model
+from benchmarks.stats import summarize
+from model.artifact import read_artifact
 from model.errors import CliParser, ModelError, run_cli
+from model.files import write_atomic
+from runtime.loop import SamplingParams, generate
+from runtime.open_backend import open_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "out" / "serve"
 DEFAULT_CACHE = ROOT / "artifacts" / "bench"
-FULL = dict(clients=16, duration=60.0, max_tokens=128, prompt_len=32, offline_repeats=3)
-QUICK = dict(clients=4, duration=4.0, max_tokens=32, prompt_len=8, offline_repeats=1)
+FULL = dict(clients=16, duration=60.0, max_new_tokens=128, prompt_len=32, offline_repeats=3)
+QUICK = dict(clients=4, duration=4.0, max_new_tokens=32, prompt_len=8, offline_repeats=1)
 TARGET_SHARE = 0.70
 SERVER_START_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 300.0
@@ -75,8 +82,6 @@ class ServerProcess:
         self.log_path: Path | None = None
 
     def __enter__(self) -> ServerProcess:
-        import tempfile
-
         fd, name = tempfile.mkstemp(prefix="serve-", suffix=".log")
         self.log_path = Path(name)
         with os.fdopen(fd, "wb") as logf:
@@ -203,14 +208,10 @@ def server_token_count(url: str) -> float | None:
 
 # ---- offline baseline
 
-def offline_decode(artifact: str, prompts: list[list[int]], max_tokens: int, repeats: int,
+def offline_decode(artifact: str, prompts: list[list[int]], max_new_tokens: int, repeats: int,
                    threads: int | None) -> dict:
-    from benchmarks.stats import summarize
-    from runtime.backends import open_backend
-    from runtime.generation import SamplingParams, generate
-
-    backend = open_backend("onnxruntime", artifact, **({"threads": threads} if threads else {}))
-    params = SamplingParams(max_new_tokens=max_tokens, greedy=True, stop_at_eot=False)
+    backend = open_backend("onnxruntime", artifact, threads=threads)
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, stop_at_eot=False)
     generate(backend, prompts, SamplingParams(max_new_tokens=4, greedy=True))  # warm-up
     tps = []
     for _ in range(repeats):
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the demo model, 4 clients, a few seconds (CI smoke test)")
     p.add_argument("--clients", type=int, help="concurrent streaming clients = the server's --max-batch (default 16)")
     p.add_argument("--duration", type=float, help="seconds during which clients start requests (default 60)")
-    p.add_argument("--max-tokens", type=int, help="new tokens per request (default 128)")
+    p.add_argument("--max-new-tokens", type=int, help="the most new tokens per request (default 128)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens per request (default 32)")
     p.add_argument("--offline-repeats", type=int, help="timed offline batch runs (default 3)")
     p.add_argument("--threads", type=int, help="onnxruntime threads, offline and in the server (default: its own)")
@@ -242,14 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(a: argparse.Namespace) -> dict[str, Any]:
     s = dict(QUICK if a.quick else FULL)
-    for key in ("clients", "duration", "max_tokens", "prompt_len", "offline_repeats"):
+    for key in ("clients", "duration", "max_new_tokens", "prompt_len", "offline_repeats"):
         if getattr(a, key) is not None:
             s[key] = getattr(a, key)
-    for key in ("clients", "max_tokens", "prompt_len", "offline_repeats"):
+    for key in ("clients", "max_new_tokens", "prompt_len", "offline_repeats"):
         if s[key] < 1:
             raise ModelError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
-    if s["max_tokens"] < 2:
-        raise ModelError("--max-tokens must be >= 2 (the first token comes from the prefill)")
+    if s["max_new_tokens"] < 2:
+        raise ModelError("--max-new-tokens must be >= 2 (the first token comes from the prefill)")
     if not 0 < s["duration"] <= 3600:
         raise ModelError(f"--duration must be in (0, 3600] seconds, got {s['duration']}")
     if a.threads is not None and a.threads < 1:
@@ -262,15 +263,11 @@ def resolve(a: argparse.Namespace) -> dict[str, Any]:
 
 def prepare(a: argparse.Namespace, s: dict, cache: Path) -> tuple[str, str, Any, int]:
     """-> (artifact folder, description, GPTConfig, tokenizer n_vocab)."""
-    from benchmarks.run import prepare_artifact, prepare_model
-
     if a.quick:
         src, desc = "demo", "demo (char-level Shakespeare, 1.8M parameters)"
     else:
         src, _, _, desc = prepare_model({"preset": "gpt2", "seed": s["seed"]}, a.model, cache)
     artifact = prepare_artifact(src, "fused", cache)
-    from export.artifact import read_artifact
-
     art = read_artifact(artifact, verify=False)
     return str(artifact), desc, art.config, art.tokenizer.n_vocab
 
@@ -303,7 +300,8 @@ def markdown(doc: dict) -> str:
         "",
         f"Model: {doc['model']}; artifact {Path(doc['artifact']).name} (onnxruntime, fused graph, fp32). "
         f"{s['clients']} streaming clients for {s['duration']:.0f} s, prompts of {s['prompt_len']} tokens, "
-        f"{s['max_tokens'] // 2}..{s['max_tokens']} new tokens each (greedy, ignore_eos; offline: {s['max_tokens']}), "
+        f"{s['max_new_tokens'] // 2}..{s['max_new_tokens']} new tokens each (greedy, ignore_eos; "
+        f"offline: {s['max_new_tokens']}), "
         f"server --max-batch {s['clients']}.",
         "",
         "| measure | value |",
@@ -327,7 +325,6 @@ def markdown(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     s = resolve(a)
-    from benchmarks.machine import cpu_snapshot, machine_info, other_cpu_share
 
     out_dir: Path = a.out.resolve()
     cache: Path = a.cache.resolve()
@@ -339,17 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cpu_start = cpu_snapshot()
     artifact, desc, config, n_vocab = prepare(a, s, cache)
-    if s["prompt_len"] + s["max_tokens"] > config.block_size:
-        raise ModelError(f"--prompt-len {s['prompt_len']} + --max-tokens {s['max_tokens']} exceeds the model's "
+    if s["prompt_len"] + s["max_new_tokens"] > config.block_size:
+        raise ModelError(f"--prompt-len {s['prompt_len']} + --max-new-tokens {s['max_new_tokens']} exceeds the model's "
                          f"block_size {config.block_size}")
     rng = random.Random(s["seed"])
     prompts = [[rng.randrange(n_vocab) for _ in range(s["prompt_len"])] for _ in range(4 * s["clients"])]
-    # online requests ask for max_tokens/2 .. max_tokens new tokens, so they end at different steps and
-    # new ones keep joining a running batch (the offline batch decodes max_tokens for every row)
-    lengths = [rng.randint(max(2, s["max_tokens"] // 2), s["max_tokens"]) for _ in range(97)]
+    # online requests ask for max_new_tokens/2 .. max_new_tokens new tokens, so they end at different steps and
+    # new ones keep joining a running batch (the offline batch decodes max_new_tokens for every row)
+    lengths = [rng.randint(max(2, s["max_new_tokens"] // 2), s["max_new_tokens"]) for _ in range(97)]
 
-    log(f"offline: batch {s['clients']}, {s['max_tokens']} new tokens, {s['offline_repeats']} runs ...")
-    offline = offline_decode(artifact, prompts[:s["clients"]], s["max_tokens"], s["offline_repeats"], s["threads"])
+    log(f"offline: batch {s['clients']}, {s['max_new_tokens']} new tokens, {s['offline_repeats']} runs ...")
+    offline = offline_decode(artifact, prompts[:s["clients"]], s["max_new_tokens"], s["offline_repeats"], s["threads"])
     log(f"  {offline['decode_tokens_per_s']['median']:.1f} decode tokens/s")
 
     server_args = ["--model", artifact, "--backend", "onnxruntime", "--max-batch", str(s["clients"]),

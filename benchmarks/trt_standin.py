@@ -556,18 +556,19 @@ def build_plugin(node, inputs: list[Input], profile: dict[str, tuple[int, int, i
 # ---- the plugin nodes and their inputs, as the graph pass writes them
 
 def graph_plugin_nodes(approximate: str = "tanh"):
-    """(kv_attention node, bias_gelu node) from the plugin graph of a tiny model (export/plugins/graph.py)."""
+    """(kv_attention node, bias_gelu node) from the plugin graph of a tiny model (export/plugins/graph_pass.py)."""
     import torch
 
-    from export.graph import build_gpt_graph
-    from export.plugins.graph import plugin_nodes, to_plugin_graph
+    from export.onnx_graph import build_gpt_graph
+    from export.plugins.graph_pass import plugin_nodes, to_plugin_graph
+    from model.artifact import ExportSpec
     from model.config import GPTConfig
     from model.gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("tiny", gelu="erf" if approximate == "none" else approximate)).eval()
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    graph = to_plugin_graph(build_gpt_graph(model.config, state, graph="fused", dtype="float32", opset=23))
+    graph = to_plugin_graph(build_gpt_graph(model.config, state, ExportSpec.for_model(model.config)))
     nodes = plugin_nodes(graph)
     return next(n for n in nodes if n.op_type == "kv_attention"), next(n for n in nodes if n.op_type == "bias_gelu")
 

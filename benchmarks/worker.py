@@ -3,7 +3,7 @@
     python -m benchmarks.worker SPEC.json RESULT.json
 
 benchmarks/run.py writes SPEC (backend, model, workloads) and reads RESULT. Progress goes to
-stderr. Every timed call is the code path a user runs: runtime.generation.generate for our
+stderr. Every timed call is the code path a user runs: runtime.loop.generate for our
 backends, transformers' generate for the anchor. Both are timed the same way: prefill = from
 the prompt going in to the first new token on the CPU; decode = from there to the last token,
 over (new_tokens - 1) steps x batch rows.
@@ -11,6 +11,7 @@ over (new_tokens - 1) steps x batch rows.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -21,9 +22,16 @@ from typing import Any
 
 import torch
 
+from benchmarks import peers
+from benchmarks.bare_ort import BareOrtLoop, run_bare
 from benchmarks.machine import proc_kb
-from benchmarks.stats import summarize
+from benchmarks.stats import Timed, summarize
+from export.trt import build_engine
 from model.errors import ModelError
+from model.load import HF_CONV1D, load_model
+from runtime.loop import SamplingParams, generate
+from runtime.open_backend import open_backend
+from runtime.trt_backend import TensorRTBackend
 
 RUNTIME_BACKENDS = {"torch": "torch", "ort-fused": "onnxruntime", "ort-decomposed": "onnxruntime",
                     "ort-int8": "onnxruntime", "ort-int4": "onnxruntime", "tensorrt": "tensorrt"}
@@ -45,17 +53,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ---- timed runs: each returns (prefill seconds, decode tokens, decode seconds, row 0's new tokens)
-
-Timed = tuple[float, int, float, list[int]]
-
+# ---- timed runs: each runner returns a Timed (benchmarks/stats.py)
 
 def run_runtime(backend: Any, prompt: torch.Tensor, new_tokens: int) -> Timed:
-    from runtime.generation import SamplingParams, generate
-
     params = SamplingParams(max_new_tokens=new_tokens, greedy=True, stop_at_eot=False)
     r = generate(backend, prompt.tolist(), params)
-    return r.prefill_ms / 1e3, r.decode_tokens, r.decode_s, r.tokens[0]
+    return Timed(r.prefill_ms / 1e3, r.decode_tokens, r.decode_s, r.tokens[0])
 
 
 class _Clock:
@@ -81,15 +84,13 @@ def run_transformers(hf: Any, prompt: torch.Tensor, new_tokens: int) -> Timed:
     if out.shape[1] != prompt.shape[1] + new_tokens or len(clock.times) != new_tokens + 1:
         raise RuntimeError(f"transformers generated {out.shape[1] - prompt.shape[1]} tokens, not {new_tokens}")
     t = clock.times
-    return t[1] - t[0], (new_tokens - 1) * prompt.shape[0], t[-1] - t[1], out[0, prompt.shape[1]:].tolist()
+    return Timed(t[1] - t[0], (new_tokens - 1) * prompt.shape[0], t[-1] - t[1], out[0, prompt.shape[1]:].tolist())
 
 
 def hf_from_gpt(model: Any) -> Any:
     """Our GPT's weights in a transformers GPT2LMHeadModel (the anchor), moved tensor by tensor
     so the peak holds one copy of the model, not two."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from model.load import HF_CONV1D
+    from transformers import GPT2Config, GPT2LMHeadModel  # optional: the anchor row only
 
     c = model.config
     if not c.bias:
@@ -120,15 +121,10 @@ def hf_from_gpt(model: Any) -> Any:
 def open_tensorrt(spec: dict) -> Any:
     """The engine is built from the fused artifact on first use (and rebuilt when it does not fit the
     workloads or this GPU / TensorRT version); building needs the GPU it will run on."""
-    import importlib.util
-
     if importlib.util.find_spec("tensorrt") is None:
         raise Unavailable("TensorRT is not installed")
     if not torch.cuda.is_available():
         raise Unavailable("no CUDA GPU visible to torch")
-    from export.trt import build_engine
-    from runtime.trt_backend import TensorRTBackend
-
     need_batch = max(spec["batches"])
     need_seq = max(max(spec["prefill_lens"]) + 1, spec["decode_prompt_len"] + spec["new_tokens"])
     try:
@@ -146,28 +142,22 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
     """-> (runner function, model object it takes, info for the JSON)."""
     name = spec["backend"]
     if name == "transformers":
-        import importlib.util
-
-        from model.load import load_model
-
         if importlib.util.find_spec("transformers") is None:
             raise Unavailable("transformers is not installed (pip install transformers)")
         hf = hf_from_gpt(load_model(spec["model_src"])[0])  # no reference kept here: converted tensor by tensor
-        import transformers
+        import transformers  # optional (checked above)
 
         info = {"attn_implementation": getattr(hf.config, "_attn_implementation", None), "device": "cpu",
                 "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
         return run_transformers, hf, info
     if name.startswith(("bare-", "ct2-", "genai-")):
         return open_reference_or_peer(spec)
-    from runtime.backends import open_backend
-
     if name == "tensorrt":
         backend = open_tensorrt(spec)
         return run_runtime, backend, {"name": backend.name, "device": "cuda", "variant": backend.variant}
     src = spec["model_src"] if name == "torch" else spec["artifact"]
-    opts = {"threads": spec["threads"]} if spec.get("threads") and name.startswith("ort-") else {}
-    backend = open_backend(RUNTIME_BACKENDS[name], src, **opts)
+    threads = spec.get("threads") if name.startswith("ort-") else None  # torch's are set for the whole worker
+    backend = open_backend(RUNTIME_BACKENDS[name], src, threads=threads)
     info: dict[str, Any] = {"name": getattr(backend, "name", name), "device": str(backend.device)}
     if hasattr(backend, "providers"):
         info["providers"] = backend.providers
@@ -180,9 +170,6 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
 
 def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
     """The bare ORT loop (benchmarks/bare_ort.py) and the CPU peers (benchmarks/peers.py)."""
-    from benchmarks import peers
-    from benchmarks.bare_ort import BareOrtLoop, run_bare
-
     name, threads = spec["backend"], spec.get("threads")
     workdir = Path(spec["workdir"])
     try:
@@ -192,12 +179,12 @@ def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
         if name.startswith("ct2-"):
             quantization = "float32" if name == "ct2-fp32" else "int8"
             gen = peers.open_ct2(spec["model_src"], quantization, threads, workdir)  # PeerUnavailable if absent
-            import ctranslate2
+            import ctranslate2  # optional (open_ct2 checked it)
 
             return peers.run_ct2, gen, {"device": "cpu", "ctranslate2": ctranslate2.__version__,
                                         "compute_type": quantization, "intra_threads": threads or 0}
         model = peers.open_genai(spec["artifact"], threads, workdir)
-        import onnxruntime_genai
+        import onnxruntime_genai  # optional (open_genai checked it)
 
         return peers.run_genai, model, {"device": "cpu", "onnxruntime_genai": onnxruntime_genai.__version__,
                                         "intra_op_threads": threads or 0, "artifact": spec["artifact"]}
@@ -225,7 +212,7 @@ def measure(spec: dict) -> dict:
             run(obj, prompt, 1)
         times, t_start = [], time.perf_counter()
         for _ in range(spec["prefill_repeats"]):
-            times.append(run(obj, prompt, 1)[0] * 1e3)
+            times.append(run(obj, prompt, 1).prefill_s * 1e3)
             if len(times) >= MIN_TIMED_RUNS and time.perf_counter() - t_start > budget_s:
                 break
         prefill[str(length)] = {"ms": summarize(times), "prompt_len": length, "batch": 1}
@@ -237,15 +224,15 @@ def measure(spec: dict) -> dict:
     for batch in spec["batches"]:
         prompt = torch.randint(0, n_vocab, (batch, prompt_len), generator=gen)
         for _ in range(warmup):
-            _, tokens, s, _ = run(obj, prompt, min(new_tokens, WARMUP_NEW_TOKENS))
-            log(f"{label} decode batch {batch:3d} warm-up: {tokens / s:8.1f} tokens/s")
+            warm = run(obj, prompt, min(new_tokens, WARMUP_NEW_TOKENS))
+            log(f"{label} decode batch {batch:3d} warm-up: {warm.decode_tokens / warm.decode_s:8.1f} tokens/s")
         rates, t_start = [], time.perf_counter()
         for i in range(repeats):
-            _, tokens, s, row0 = run(obj, prompt, new_tokens)
+            timed = run(obj, prompt, new_tokens)
             if greedy_tokens is None:
-                greedy_tokens = row0  # compared across backends: they must compute the same thing
-            rates.append(tokens / s)
-            log(f"{label} decode batch {batch:3d} run {i + 1}/{repeats}: {tokens / s:8.1f} tokens/s")
+                greedy_tokens = timed.tokens  # compared across backends: they must compute the same thing
+            rates.append(timed.decode_tokens / timed.decode_s)
+            log(f"{label} decode batch {batch:3d} run {i + 1}/{repeats}: {rates[-1]:8.1f} tokens/s")
             if len(rates) >= MIN_TIMED_RUNS and time.perf_counter() - t_start > budget_s:
                 log(f"{label} decode batch {batch:3d}: time budget of {budget_s:.0f}s reached, stopping")
                 break

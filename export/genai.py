@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.artifact import MODEL_FILE
+from model.artifact import LOGITS, MODEL_FILE, TOKEN_INPUTS, past_name, present_name
 from model.config import GPTConfig
+from model.tokenizer import BPE_DIR
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -37,11 +38,10 @@ def genai_config(config: GPTConfig, max_seq_len: int, eot: int | None, n_vocab: 
                 "head_size": config.head_dim, "hidden_size": config.n_embd,
                 "num_attention_heads": config.n_head, "num_key_value_heads": config.n_head,
                 "num_hidden_layers": config.n_layer,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "inputs": {**{name: name for name in TOKEN_INPUTS}, "past_key_names": past_name("%d", "key"),
+                           "past_value_names": past_name("%d", "value")},
+                "outputs": {"logits": LOGITS, "present_key_names": present_name("%d", "key"),
+                            "present_value_names": present_name("%d", "value")},
             },
         },
         "search": {"do_sample": False, "num_beams": 1, "max_length": max_seq_len, "min_length": 0,
@@ -67,8 +67,6 @@ def gpt2_tokenizer_json(encoder: dict[str, int], merges_text: str, eot: int) -> 
 
 def write_genai_files(out_dir: Path, config: GPTConfig, tokenizer: Any, max_seq_len: int) -> list[str]:
     """Write genai_config.json (+ tokenizer files for GPT-2 BPE) into out_dir; returns the names written."""
-    from model.tokenizer import BPE_DIR
-
     eot = getattr(tokenizer, "eot_token", None)
     written = [GENAI_CONFIG]
     (out_dir / GENAI_CONFIG).write_text(json.dumps(genai_config(config, max_seq_len, eot, tokenizer.n_vocab),

@@ -1,9 +1,11 @@
 """Parity of an exported artifact against the PyTorch reference.
 
-- verify_decode: the backend (IO binding, KV cache) vs the reference over a left-padded prefill
-  and several decode steps, teacher-forced with the reference's greedy token.
+- verify_decode: a stepper (export/session.ArtifactSession, or any runtime backend) vs the reference over a
+  left-padded prefill and several decode steps, teacher-forced with the reference's greedy token.
 - parity_report: in the spirit of onnxruntime's gpt2 parity tool, many random graph-level cases
   (batch, past length, new tokens, left padding) -> p50/p99/max |diff|, top-1 agreement, NaNs.
+
+    python -m export.parity --model DIR [--reference SRC] [--cases 200] [--seed 0]
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.session import open_session, resolve_providers
+from model.artifact import KV_KINDS, NP_DTYPES, TOKEN_INPUTS, past_name, read_artifact
+from model.errors import CliParser, ModelError, run_cli
 from model.gpt import GPT
+from model.load import load_model
 
 # Bounds on max |logits diff| vs the fp32 PyTorch reference, and the least top-1 agreement.
 # fp32: absolute. fp16: FP16_MAX_ABS_DIFF + FP16_REL_DIFF * max |reference logit| (fp16 keeps ~3 digits,
@@ -25,7 +31,6 @@ FP32_MAX_ABS_DIFF = 1e-4
 FP16_MAX_ABS_DIFF = 5e-2
 FP16_REL_DIFF = 5e-3
 MIN_TOP1_AGREEMENT = {"float32": 0.999, "float16": 0.98}
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 @contextlib.contextmanager
@@ -58,7 +63,8 @@ def left_padded_batch(rng: np.random.Generator, batch: int, length: int, n_vocab
 @torch.inference_mode()
 def verify_decode(model: GPT, backend: Any, n_vocab: int, *, steps: int = 8, prompt_len: int = 12,
                   seed: int = 0) -> dict[str, Any]:
-    """Left-padded batch of 2: prefill + `steps` decode steps on both; the reference's greedy token is
+    """backend: anything with max_seq_len, reset, prefill and decode_one_token (the Backend protocol's calls).
+    Left-padded batch of 2: prefill + `steps` decode steps on both; the reference's greedy token is
     fed to both. Returns max |diff| over all steps, whether every greedy token agreed, and how many
     disagreements were near ties (reference gap <= 2 * max |diff|) or not (greedy_unexplained)."""
     rng = np.random.default_rng(seed)
@@ -99,18 +105,13 @@ def parity_report(model: GPT, artifact_dir: str | os.PathLike, *, cases: int = 2
                   providers: list[str] | None = None, session: Any = None) -> dict[str, Any]:
     """Run many random cases straight on the ONNX session (past of any length, several new tokens).
     session: an open onnxruntime InferenceSession of this artifact to reuse (default: open one)."""
-    import onnxruntime as ort
-
-    from export.artifact import read_artifact
-    from runtime.ort_backend import resolve_providers
-
     art = read_artifact(artifact_dir, verify=False)
-    c, dtype = art.config, art.export["dtype"]
+    c, dtype = art.config, art.spec.dtype
     n_vocab = n_vocab or art.tokenizer.n_vocab
-    all_logits = art.export.get("logits") == "all"
-    limit = int(art.export.get("max_seq_len", c.block_size))
+    all_logits = art.spec.logits == "all"
+    limit = art.spec.max_seq_len
     if session is None:
-        session = ort.InferenceSession(str(art.model_path), providers=resolve_providers(providers))
+        session = open_session(art.model_path, c, resolve_providers(providers))
     rng = np.random.default_rng(seed)
     case_max, present_max, agree, rows, nans, ref_absmax = [], [], 0, 0, 0, 0.0
     for _ in range(cases):
@@ -125,10 +126,10 @@ def parity_report(model: GPT, artifact_dir: str | os.PathLike, *, cases: int = 2
             past = model.empty_past(B)
         ref, present = model(ids[:, P:], past, attention_mask=mask, position_ids=pos[:, P:],
                              last_logits_only=not all_logits)
-        feed = {"input_ids": ids[:, P:].numpy(), "attention_mask": mask.numpy(), "position_ids": pos[:, P:].numpy()}
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"] = k.numpy().astype(NP_DTYPES[dtype])
-            feed[f"past_key_values.{i}.value"] = v.numpy().astype(NP_DTYPES[dtype])
+        feed = dict(zip(TOKEN_INPUTS, (ids[:, P:].numpy(), mask.numpy(), pos[:, P:].numpy())))
+        for i, kv in enumerate(past):
+            for kind, t in zip(KV_KINDS, kv):
+                feed[past_name(i, kind)] = t.numpy().astype(NP_DTYPES[dtype])
         out = session.run(None, feed)
         got, ref = torch.from_numpy(out[0])[:, -1].float(), ref[:, -1]
         nans += int((~torch.isfinite(got)).sum())
@@ -139,7 +140,7 @@ def parity_report(model: GPT, artifact_dir: str | os.PathLike, *, cases: int = 2
         agree += int((got[:, :n_vocab].argmax(-1) == ref[:, :n_vocab].argmax(-1)).sum())
         rows += B
     d = np.array(case_max)
-    return {"cases": cases, "rows": rows, "dtype": dtype, "graph": art.export.get("graph"),
+    return {"cases": cases, "rows": rows, "dtype": dtype, "graph": art.spec.graph,
             "p50": float(np.percentile(d, 50)), "p99": float(np.percentile(d, 99)), "max": float(d.max()),
             "present_max": float(max(present_max)), "top1_agreement": agree / rows, "nan": nans,
             "ref_absmax": ref_absmax, "bound": max_abs_bound(dtype, ref_absmax)}
@@ -157,23 +158,20 @@ def report_ok(r: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m export.parity DIR [--model SRC] [--cases N]: the statistical report for an existing artifact."""
-
-    from model.errors import CliParser, ModelError
-    from model.load import load_model
-
-    p = CliParser(prog="python -m export.parity", description=main.__doc__)
-    p.add_argument("artifact")
-    p.add_argument("--model", help="the fp32 reference (default: weights read back from the artifact; "
-                                   "for a float16 artifact pass the original model)")
-    p.add_argument("--cases", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    """The statistical parity report of an existing artifact."""
+    p = CliParser(prog="python -m export.parity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, metavar="DIR", help="the artifact folder to check")
+    p.add_argument("--reference", metavar="SRC",
+                   help="the fp32 model it was exported from (default: the weights read back from the artifact; "
+                        "pass it for float16 artifacts)")
+    p.add_argument("--cases", type=int, default=200, help="random cases (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cases (default: %(default)s)")
     a = p.parse_args(argv)
     if a.cases < 1:
         raise ModelError("--cases must be >= 1")
-    model, tok = load_model(a.model or a.artifact)
+    model, tok = load_model(a.reference or a.model)
     with torch_threads(1):
-        r = parity_report(model, a.artifact, cases=a.cases, seed=a.seed, n_vocab=tok.n_vocab)
+        r = parity_report(model, a.model, cases=a.cases, seed=a.seed, n_vocab=tok.n_vocab)
     print(format_report(r))
     if not report_ok(r):
         raise ModelError(f"parity out of bound: max {r['max']:.2e} > {r['bound']:.1e}, top-1 "
@@ -182,6 +180,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
-
     run_cli(main)

@@ -3,7 +3,8 @@
 A quantized graph cannot be token-identical to fp32, so it is judged on held-out text instead: every
 position of `seqs` windows of the held-out tinyshakespeare split (model/assets/tinyshakespeare-val.txt,
 the last 10% of the corpus, never trained on) is scored teacher-forced through the artifact's backend
-(prefill one token, then one decode step per token: the KV-cache path generation runs):
+(prefill one token, then one decode step per token: the KV-cache path generation runs; the export drives its
+graph with export/session.ArtifactSession, any runtime backend works too):
 
 - val loss: mean cross-entropy of the next token, nats/token, artifact vs the fp32 reference;
 - top-1 agreement: share of positions where the artifact's argmax equals the fp32 argmax;
@@ -13,7 +14,7 @@ Only ids below the tokenizer's n_vocab count (nanoGPT's padded rows are never sa
 Bounds (QUALITY_BOUNDS) fail the export's verify step: int8 val loss <= fp32 + 0.01 and top-1 >= 0.97;
 int4 val loss <= fp32 + 0.05 and top-1 >= 0.90. fp16 is reported (its parity bounds are export/parity.py's).
 
-    python -m export.quality DIR --model SRC [--seqs 64] [--seq-len 128] [--text FILE]
+    python -m export.quality --model DIR --reference SRC [--seqs 64] [--seq-len 128] [--text FILE] [--threads N]
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.errors import ModelError
+from export.parity import torch_threads
+from export.session import ArtifactSession
+from model.artifact import read_artifact
+from model.errors import CliParser, ModelError, run_cli
+from model.load import load_model
 
 VAL_TEXT = Path(__file__).resolve().parent.parent / "model" / "assets" / "tinyshakespeare-val.txt"
 VAL_SHA256 = "c54f3753a4e6e3c3d1759212815a7caf826e68a33021b25312984400bed40a1f"
@@ -126,43 +131,28 @@ def format_quality(r: dict[str, Any], precision: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m export.quality DIR --model SRC: the quality report of an existing artifact."""
-    from export.artifact import read_artifact
-    from export.parity import torch_threads
-    from model.errors import CliParser
-    from model.load import load_model
-    from runtime.ort_backend import OnnxRuntimeBackend
-
+    """The quality report of an existing artifact against the fp32 model it was exported from."""
     p = CliParser(prog="python -m export.quality", description=main.__doc__)
-    p.add_argument("artifact")
-    p.add_argument("--model", required=True, help="the fp32 source the artifact was exported from")
-    p.add_argument("--seqs", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    p.add_argument("--model", required=True, metavar="DIR", help="the artifact folder to judge")
+    p.add_argument("--reference", required=True, metavar="SRC", help="the fp32 model it was exported from")
+    p.add_argument("--seqs", type=int, default=64, help="held-out windows (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per window (default: %(default)s)")
     p.add_argument("--text", type=Path, help="held-out text (default: model/assets/tinyshakespeare-val.txt)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime (default: their own choice)")
     a = p.parse_args(argv)
     if a.seqs < 1 or a.seq_len < 2:
         raise ModelError("--seqs must be >= 1 and --seq-len >= 2")
-    model, tok = load_model(a.model)
-    export = read_artifact(a.artifact, verify=False).export
-    precision = artifact_precision(export)
-    backend = OnnxRuntimeBackend(a.artifact, threads=a.threads)
+    model, tok = load_model(a.reference)
+    precision = read_artifact(a.model, verify=False).spec.precision
+    session = ArtifactSession(a.model, threads=a.threads)
     with torch_threads(a.threads or torch.get_num_threads()):
-        r = quality_report(model, backend, tok, seqs=a.seqs, seq_len=a.seq_len, text_path=a.text)
-    print(f"{a.artifact} ({precision}): {format_quality(r, precision)}")
+        r = quality_report(model, session, tok, seqs=a.seqs, seq_len=a.seq_len, text_path=a.text)
+    print(f"{a.model} ({precision}): {format_quality(r, precision)}")
     problems = check_bounds(r, precision)
     if problems:
         raise ModelError("quality out of bound: " + "; ".join(problems))
     return 0
 
 
-def artifact_precision(export: dict[str, Any]) -> str:
-    """'int8' | 'int4' for quantized artifacts, else the float dtype ('float32' | 'float16')."""
-    q = export.get("quantization")
-    return f"int{q['bits']}" if q else export.get("dtype", "float32")
-
-
 if __name__ == "__main__":
-    from model.errors import run_cli
-
     run_cli(main)

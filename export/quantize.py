@@ -6,12 +6,13 @@ A Linear weight W [out, in] (PyTorch layout) becomes integers q [out, in] and on
     int8: q in [-127, 127], scale = max |w| of the block / 127
     int4: q in [-8, 7],     scale = max |w| of the block / 7   (-8 is never produced: the grid is symmetric)
 
-The graph (export/graph.py) stores q as an ONNX INT8/INT4 initializer transposed to [in, out] (the MatMul B
+The graph (export/onnx_graph.py) stores q as an ONNX INT8/INT4 initializer transposed to [in, out] (the MatMul B
 layout) with scales [in / block, out], and dequantizes it with the standard opset-21 operator
 `DequantizeLinear(q, scale, axis=0, block_size=block)` (no zero point) feeding a MatMul:
 
 - ONNX Runtime's CPU optimizer fuses that pair into com.microsoft.MatMulNBits (bits 4 or 8,
-  accuracy_level 4 by default: int8 activations, int32 accumulation), as count_fused_matmuls checks;
+  accuracy_level 4 by default: int8 activations, int32 accumulation), as the export's verify step checks
+  (export/onnx.py count_ort_optimized);
 - TensorRT parses the same pattern as weight-only quantization (INT4 needs block 64 or 128, zero point 0).
 
 The token embedding is a lookup, not a matmul: its table is stored as int8 [vocab, n_embd] with
@@ -21,51 +22,30 @@ lm_head uses its own copy of wte quantized like every other Linear.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
 from typing import Any
 
 import numpy as np
 import torch
 
-QUANT_BITS = {"int8": 8, "int4": 4}
+from model.artifact import ExportSpec
+
 QMAX = {8: 127, 4: 7}
 EMBEDDING_BITS = 8  # the embedding table is read one row per token: int8 costs nothing per step
-DEFAULT_BLOCK = 32  # by measurement (README "Quantized export"): 64 fails the demo's int4 top-1 bound
 SCALE_SEARCH_LOW, SCALE_SEARCH_STEPS = 0.7, 8  # quantize_blocks' per-block scale search
-MIN_BLOCK = 16  # MatMulNBits needs a power of two >= 16
-Q_SUFFIX, SCALE_SUFFIX = ".q", ".scale"  # initializer names: <parameter>.q, <parameter>.scale
 
 
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    block: int
-
-    @property
-    def name(self) -> str:
-        return f"int{self.bits}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "block_size": self.block, "symmetric": True, "embedding_bits": EMBEDDING_BITS}
-
-
-def make_spec(quantize: str | None, block: int | None, in_features: list[int]) -> QuantSpec | None:
-    """--quantize int8|int4 and --quant-block N -> QuantSpec (None for a float graph). ValueError for bad input.
-    in_features: every reduction size that is quantized (n_embd and 4 * n_embd): the block must divide each."""
-    if quantize is None:
-        if block is not None:
-            raise ValueError("--quant-block needs --quantize int8|int4")
-        return None
-    if quantize not in QUANT_BITS:
-        raise ValueError(f"--quantize {quantize!r} is not one of {', '.join(QUANT_BITS)}")
-    block = DEFAULT_BLOCK if block is None else block
-    if block < MIN_BLOCK or block & (block - 1):
-        raise ValueError(f"--quant-block {block} must be a power of two >= {MIN_BLOCK}")
-    bad = sorted({k for k in in_features if k % block})
-    if bad:
-        raise ValueError(f"--quant-block {block} does not divide the model's input features {bad[0]}; "
-                         f"use a smaller power of two")
-    return QuantSpec(QUANT_BITS[quantize], block)
+def quant_record(spec: ExportSpec) -> dict[str, Any]:
+    """What config.json's record says about a quantized graph (docs/quantization.md)."""
+    return {"bits": spec.quant_bits, "block_size": spec.quant_block, "symmetric": True,
+            "embedding_bits": EMBEDDING_BITS, "method": "round to nearest, scale = max |w| of the block / qmax",
+            "graph": "DequantizeLinear(INT4|INT8 [in, out], scale [in / block, out], axis=0, block_size) -> MatMul; "
+                     "token embedding: Gather(INT8 [vocab, n_embd]) -> DequantizeLinear(axis=2, block_size)",
+            "quantized": "every Linear and the lm_head (its own copy of wte); wte table int8; wpe, LayerNorm, "
+                         "biases in the float dtype",
+            "onnxruntime": "its CPU optimizer fuses each DequantizeLinear -> MatMul pair into com.microsoft."
+                           "MatMulNBits (accuracy_level 4: int8 activations, int32 accumulation)",
+            "tensorrt": "weight-only quantization through IDequantizeLayer (INT4 needs block 64 or 128)"}
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int, search: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -120,19 +100,18 @@ def unpack_int4(raw: bytes, count: int) -> np.ndarray:
     return np.where(signed > 7, signed - 16, signed).astype(np.int8)
 
 
-def quantized_reference(model: Any, spec: QuantSpec) -> Any:
+def quantized_reference(model: Any, spec: ExportSpec) -> Any:
     """A copy of the torch GPT that computes exactly what the quantized graph computes (up to fp32 rounding, with
     ONNX Runtime's fp32 MatMulNBits path): every Linear fake-quantized, lm_head untied and fake-quantized with
     spec, the embedding table fake-quantized to int8. Used to check the graph, not its quality."""
-    import copy
-
+    bits, block = spec.quant_bits, spec.quant_block
     ref = copy.deepcopy(model)
     wte = model.transformer.wte.weight
     with torch.no_grad():
         for name, module in ref.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                module.weight.copy_(fake_quantize(module.weight, spec.bits, spec.block))
-        ref.lm_head.weight = torch.nn.Parameter(fake_quantize(wte, spec.bits, spec.block), requires_grad=False)
-        ref.transformer.wte.weight = torch.nn.Parameter(fake_quantize(wte, EMBEDDING_BITS, spec.block),
+                module.weight.copy_(fake_quantize(module.weight, bits, block))
+        ref.lm_head.weight = torch.nn.Parameter(fake_quantize(wte, bits, block), requires_grad=False)
+        ref.transformer.wte.weight = torch.nn.Parameter(fake_quantize(wte, EMBEDDING_BITS, block),
                                                         requires_grad=False)
     return ref.eval()

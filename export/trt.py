@@ -1,14 +1,14 @@
 """Build a TensorRT engine from an export artifact.
 
-    python -m export.trt --onnx DIR [--plugins attention,gelu | --no-plugins] [--max-batch N]
+    python -m export.trt --model DIR [--plugins attention,gelu | --no-plugins] [--max-batch N]
                          [--max-seq-len N] [--timing-cache FILE] [--tf32] [--graph-only]
 
 With plugins (the default) the artifact's fused ONNX is rewritten into the plugin graph
-(export/plugins/graph.py: static in-place KV cache, Triton kernels compiled ahead of time) and
+(export/plugins/graph_pass.py: static in-place KV cache, Triton kernels compiled ahead of time) and
 written beside it as model.plugins.onnx; --no-plugins parses the artifact's own graph (past/present
 I/O, TensorRT's native Attention/Gelu importers). Two optimization profiles: 0 = prefill, 1 = decode.
-The plan and a JSON manifest (TensorRT version, GPU, profiles, plugins, source ONNX sha256) are
-written beside the ONNX as trt_plugins.plan/.json or trt_native.plan/.json.
+The plan and its manifest (model/artifact.EngineManifest: TensorRT version, GPU, profiles, plugins, source
+ONNX sha256) are written beside the ONNX as trt_plugins.plan/.json or trt_native.plan/.json.
 --graph-only writes the plugin graph and stops (needs neither TensorRT nor a GPU).
 
 Written against TensorRT's documented Python API for 10.14+ and 11.x (strongly typed networks:
@@ -17,29 +17,39 @@ precision comes from the ONNX types; builder flags are looked up by name).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import onnx
+import torch
+
+from export.plugins.graph_pass import OPTION_NAMES, GraphPassError, to_plugin_graph
+from model.artifact import (
+    DECODE,
+    MODEL_FILE,
+    PLUGIN_GRAPH_DATA,
+    PLUGIN_GRAPH_FILE,
+    PREFILL,
+    PROFILE_NAMES,
+    EngineManifest,
+    engine_files,
+    gpu_identity,
+    read_artifact,
+    require_tensorrt_and_gpu,
+    write_engine_manifest,
+)
 from model.errors import CliParser, ModelError, run_cli
-
-PLUGIN_GRAPH_FILE = "model.plugins.onnx"
-PLUGIN_GRAPH_DATA = "model.plugins.onnx.data"
-PREFILL, DECODE = 0, 1
-PROFILE_NAMES = ("prefill", "decode")
+from model.files import sha256_file, write_atomic
 
 
-def engine_files(variant: str) -> tuple[str, str]:
-    """(plan, manifest) file names for variant "plugins" or "native"."""
-    return f"trt_{variant}.plan", f"trt_{variant}.json"
+class EngineBuildError(ModelError):
+    """TensorRT's parser or builder refused the network (its log above says why)."""
 
 
 def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
-    from export.plugins.graph import OPTION_NAMES
-
     if no_plugins:
         if spec:
             raise ModelError("--plugins and --no-plugins exclude each other")
@@ -53,15 +63,10 @@ def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
 
 def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...], aot: bool = True) -> Path:
     """Rewrite the artifact's model.onnx into the plugin graph, written atomically beside it."""
-    import onnx
-
-    from export.artifact import MODEL_FILE, read_artifact
-    from export.plugins.graph import GraphPassError, to_plugin_graph
-
     art = read_artifact(artifact_dir, verify=True)
-    if art.export.get("graph") != "fused":
+    if art.spec.graph != "fused":
         raise ModelError(f"{artifact_dir}: plugins need the fused export (this one is "
-                         f"{art.export.get('graph')!r}; re-export with --opset 23, or pass --no-plugins)")
+                         f"{art.spec.graph!r}; re-export with --opset 23, or pass --no-plugins)")
     model = onnx.load(str(artifact_dir / MODEL_FILE), load_external_data=True)
     try:
         plugin_graph = to_plugin_graph(model, plugins, aot=aot)
@@ -71,7 +76,7 @@ def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...], aot: bool =
     out = artifact_dir / PLUGIN_GRAPH_FILE
     tmp_dir = Path(tempfile.mkdtemp(prefix=".plugins.tmp-", dir=artifact_dir))
     try:
-        external = bool(art.export.get("external_data"))
+        external = art.external_data
         onnx.save_model(plugin_graph, str(tmp_dir / PLUGIN_GRAPH_FILE), save_as_external_data=external,
                         all_tensors_to_one_file=True, location=PLUGIN_GRAPH_DATA, size_threshold=1024)
         if external:
@@ -111,24 +116,10 @@ def profile_shapes(config: Any, plugin_attention: bool, max_batch: int, max_seq_
     return profiles
 
 
-def require_tensorrt_and_gpu():
-    """Import tensorrt and check for a visible NVIDIA GPU; a one-line ModelError otherwise."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise ModelError("TensorRT is not installed (pip install tensorrt; needs an NVIDIA GPU and driver)") from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ModelError(f"no NVIDIA GPU visible to PyTorch (torch {torch.__version__}, "
-                         f"CUDA build: {torch.version.cuda or 'no'}); engines are built on the GPU they run on")
-    return trt
-
-
 def plugin_manifest(capability: int) -> dict[str, Any]:
     """The manifest's record of the plugin kernels: the PTX ISA and target every embedded kernel declares
     (export/plugins/kernels.py pins them) and the oldest driver that can JIT-compile that PTX."""
-    from export.plugins import kernels
+    from export.plugins import kernels  # imports triton (the tensorrt extra)
 
     try:
         return {"ptx": kernels.ptx_target(capability)}
@@ -138,9 +129,7 @@ def plugin_manifest(capability: int) -> dict[str, Any]:
 
 def check_plugin_grids(config: Any, max_batch: int, max_seq_len: int) -> None:
     """Refuse an engine whose largest step would launch a plugin grid over CUDA's limits."""
-    import torch
-
-    from export.plugins import kernels
+    from export.plugins import kernels  # imports triton (the tensorrt extra)
 
     for dtype in (torch.float16, torch.float32):
         for tactic, tile in kernels.attention_tactics(dtype, config.head_dim).items():
@@ -151,22 +140,13 @@ def check_plugin_grids(config: Any, max_batch: int, max_seq_len: int) -> None:
                                  f"({kernels.GRID_X_LIMIT}, {kernels.GRID_Y_LIMIT}); lower them")
 
 
-def gpu_identity() -> dict[str, Any]:
-    import torch
-
-    major, minor = torch.cuda.get_device_capability()
-    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
-
-
 def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("attention", "gelu"), *,
                  max_batch: int = 8, max_seq_len: int | None = None, timing_cache: str | os.PathLike | None = None,
                  tf32: bool = False, log=print) -> Path:
     """Build and write the plan + manifest; returns the manifest path."""
-    from export.artifact import MODEL_FILE, read_artifact, sha256_file, write_atomic
-
     artifact_dir = Path(artifact_dir)
     art = read_artifact(artifact_dir, verify=True)
-    limit = int(art.export.get("max_seq_len", art.config.block_size))
+    limit = art.spec.max_seq_len
     max_seq_len = limit if max_seq_len is None else max_seq_len
     if not 2 <= max_seq_len <= limit:
         raise ModelError(f"--max-seq-len {max_seq_len} is out of range (2..{limit}, the artifact's max_seq_len)")
@@ -179,9 +159,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     variant = "plugins" if plugins else "native"
     kernels_record = {}
     if plugins:
-        import torch
-
-        import export.plugins.register  # noqa: F401 - registers the plugin creators before parsing
+        import export.plugins.register  # noqa: F401 - registers the plugin creators before parsing (needs tensorrt)
 
         major, minor = torch.cuda.get_device_capability()
         kernels_record = plugin_manifest(10 * major + minor)
@@ -200,7 +178,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ModelError(f"TensorRT's ONNX parser rejected {onnx_path.name}: " + " | ".join(errors)[:400])
+        raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path.name}: " + " | ".join(errors)[:400])
 
     config = builder.create_builder_config()
     if "attention" in plugins:  # the cache outputs are aliased to the cache inputs
@@ -223,34 +201,34 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     log(f"[build] {variant} engine: max batch {max_batch}, max seq {max_seq_len}, TensorRT {trt.__version__}")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ModelError("TensorRT failed to build the engine (see the TensorRT log above)")
+        raise EngineBuildError("TensorRT failed to build the engine (see the TensorRT log above)")
     plan_name, manifest_name = engine_files(variant)
     write_atomic(artifact_dir / plan_name, bytes(plan))
     if cache is not None:
         write_atomic(timing_cache, bytes(cache.serialize()))
-    manifest = {
-        "tensorrt": trt.__version__,
-        "gpu": gpu_identity(),
-        "variant": variant,
-        "plugins": list(plugins),
-        "kv_cache": "static" if "attention" in plugins else "past_present",
-        "plugin_ids": [f"gptdeploy::{n}" for n in _plugin_op_names(plugins)],
-        "plugin_kernels": kernels_record,
-        "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
-        "source_onnx": {"file": MODEL_FILE, "sha256": art.files[MODEL_FILE]},
-        "plan": {"file": plan_name, "sha256": sha256_file(artifact_dir / plan_name)},
-        "dtype": art.export.get("dtype", "float32"),
-        "logits": art.export.get("logits", "last"),
-        "max_batch": max_batch,
-        "max_seq_len": max_seq_len,
-        "tf32": tf32,
-        "profiles": [{"index": k, "name": PROFILE_NAMES[k],
-                      "shapes": {n: [list(s) for s in v] for n, v in p.items()}} for k, p in enumerate(shapes)],
-        "build_seconds": round(time.perf_counter() - t0, 1),
-    }
-    write_atomic(artifact_dir / manifest_name, (json.dumps(manifest, indent=1) + "\n").encode())
+    manifest = EngineManifest(
+        tensorrt=trt.__version__,
+        gpu=gpu_identity(),
+        variant=variant,
+        plugins=tuple(plugins),
+        kv_cache="static" if "attention" in plugins else "past_present",
+        plugin_ids=tuple(f"gptdeploy::{n}" for n in _plugin_op_names(plugins)),
+        plugin_kernels=kernels_record,
+        onnx={"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
+        source_onnx={"file": MODEL_FILE, "sha256": art.files[MODEL_FILE]},
+        plan={"file": plan_name, "sha256": sha256_file(artifact_dir / plan_name)},
+        dtype=art.spec.dtype,
+        logits=art.spec.logits,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        tf32=tf32,
+        profiles=tuple({"index": k, "name": PROFILE_NAMES[k],
+                        "shapes": {n: [list(s) for s in v] for n, v in p.items()}} for k, p in enumerate(shapes)),
+        build_seconds=round(time.perf_counter() - t0, 1),
+    )
+    write_engine_manifest(artifact_dir / manifest_name, manifest)
     log(f"[write] {plan_name} ({(artifact_dir / plan_name).stat().st_size / 1e6:.1f} MB), {manifest_name} "
-        f"in {manifest['build_seconds']}s")
+        f"in {manifest.build_seconds}s")
     return artifact_dir / manifest_name
 
 
@@ -265,24 +243,23 @@ def use_timing_cache(config: Any, path: Path) -> Any:
 
 
 def _plugin_op_names(plugins: tuple[str, ...]) -> list[str]:
-    from export.plugins.graph import OPTION_NAMES
-
     return [OPTION_NAMES[p] for p in plugins]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = CliParser(prog="python -m export.trt", description=__doc__.split("\n\n")[0])
-    p.add_argument("--onnx", required=True, metavar="DIR", help="export artifact folder (python -m export.onnx)")
+    p.add_argument("--model", required=True, metavar="DIR", help="the artifact folder (python -m export.onnx) to build "
+                                                              "an engine for; the engine is written into it")
     p.add_argument("--plugins", help="comma-separated: attention,gelu (default: both)")
     p.add_argument("--no-plugins", action="store_true", help="parse the artifact's graph with native importers")
-    p.add_argument("--max-batch", type=int, default=8, help="largest batch of the profiles (default 8)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch of the profiles (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, help="longest past+seq (default: the artifact's max_seq_len)")
     p.add_argument("--timing-cache", help="timing cache file to read and update (speeds up rebuilds)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 GEMMs (faster, ~1e-3 logits error)")
     p.add_argument("--graph-only", action="store_true", help="write model.plugins.onnx and stop (no TensorRT needed)")
     a = p.parse_args(argv)
     plugins = parse_plugins(a.plugins, a.no_plugins)
-    artifact_dir = Path(a.onnx)
+    artifact_dir = Path(a.model)
     if a.graph_only:
         if not plugins:
             raise ModelError("--graph-only writes the plugin graph: it cannot go with --no-plugins")

@@ -1,5 +1,6 @@
 """Checkpoint loaders: our own folder format (the bundled demo), Hugging Face GPT-2 (local
-folder or hub id), and nanoGPT ckpt.pt. Every failure is a one-line ModelError naming the file.
+folder or hub id), nanoGPT ckpt.pt, and export artifacts (the weights read back from model.onnx).
+Every failure is a one-line ModelError naming the file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from model.artifact import is_artifact, onnx_state_dict, read_artifact
 from model.config import GPTConfig
 from model.errors import ModelError
 from model.gpt import GPT
@@ -29,7 +32,10 @@ def load_model(src: str | os.PathLike, meta: str | os.PathLike | None = None) ->
     """Any source the toolkit accepts -> (fp32 model in eval mode, tokenizer)."""
     src = str(src)
     path = DEMO_DIR if src == "demo" else Path(src)
-    if path.is_dir():
+    if path.is_dir() and is_artifact(path):
+        art = read_artifact(path, verify=False)
+        model, tok = build_model(art.config, onnx_state_dict(art.model_path), art.model_path), art.tokenizer
+    elif path.is_dir():
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise ModelError(f"{path}: no config.json in this folder")
@@ -53,8 +59,6 @@ def load_model(src: str | os.PathLike, meta: str | os.PathLike | None = None) ->
 
 def save_checkpoint(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike,
                     extra: dict[str, Any] | None = None) -> None:
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -70,10 +74,6 @@ def load_own_checkpoint(path: Path, cfg: dict[str, Any]) -> tuple[GPT, Tokenizer
     config = _config_or_error(path / "config.json", lambda: GPTConfig.from_dict(cfg["model"]))
     weights = path / "model.safetensors"
     tokenizer = tokenizer_from_spec(cfg["tokenizer"], base_dir=path)
-    if not weights.is_file() and (path / "model.onnx").is_file():  # an export artifact (export/artifact.py)
-        from export.artifact import onnx_state_dict
-
-        return build_model(config, onnx_state_dict(path / "model.onnx"), path / "model.onnx"), tokenizer
     if not weights.is_file():
         raise ModelError(f"{weights}: weights file missing")
     return build_model(config, _read_safetensors(weights), weights), tokenizer
@@ -128,7 +128,7 @@ def hf_config_to_gpt(cfg: dict[str, Any]) -> GPTConfig:
 
 def _hub_snapshot(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # optional: the "hub" extra
     except ImportError:
         raise ModelError(f"{repo_id}: huggingface_hub is not installed; pass a local folder") from None
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json"]
@@ -225,8 +225,6 @@ def _config_or_error(path: Path, make: Any) -> GPTConfig:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt files

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
 from model.errors import ModelError
 
 BPE_DIR = Path(__file__).parent / "assets" / "gpt2-bpe"
@@ -35,9 +38,6 @@ class Tokenizer:
 
 def gpt2_tokenizer(bpe_dir: Path = BPE_DIR) -> Tokenizer:
     """GPT-2 BPE built offline from encoder.json + vocab.bpe in bpe_dir (hashes verified)."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
     for name, want in BPE_SHA256.items():
         path = bpe_dir / name
         if not path.is_file():

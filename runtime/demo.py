@@ -7,7 +7,7 @@
 2. greedy-decode the same prompts on the torch reference and on onnxruntime: the tokens must match;
 3. sample a Shakespeare-like passage on each backend with the same seed: 500 new characters, nanoGPT
    sample.py's default, past the model's 128-character context with the sliding window as sample.py does;
-4. where TensorRT and an NVIDIA GPU are present, build the engine (python -m export.trt --onnx DIR)
+4. where TensorRT and an NVIDIA GPU are present, build the engine (python -m export.trt --model DIR)
    and generate on it too;
 5. print a summary: parity figures and tokens/s per backend. Exit 1 if any check fails.
 """
@@ -21,10 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from export.onnx import export_artifact
 from model.errors import CliParser, ModelError, run_cli
 from runtime.backend import Backend
-from runtime.backends import open_backend
-from runtime.generation import GenerationResult, SamplingParams, generate
+from runtime.loop import GenerationResult, SamplingParams, generate
+from runtime.open_backend import open_backend
 
 DEFAULT_OUT = Path("artifacts/demo")
 SAMPLE_PROMPT = "ROMEO:\n"
@@ -44,8 +47,6 @@ def tensorrt_missing() -> str | None:
     """Why the TensorRT step cannot run here, or None if it can."""
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed"
-    import torch
-
     if not torch.cuda.is_available():
         return "no NVIDIA GPU visible"
     return None
@@ -78,26 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         raise ModelError(f"--threads must be >= 1, got {args.threads}")
     t_start = time.perf_counter()
-    from export.onnx import export_artifact
-
     if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # the export's reference forwards too
     section(f"1. export the demo model to ONNX (fused graph) -> {args.out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     export = export_artifact("demo", args.out, force=True, log=lambda s: print(s, flush=True))
 
     section("2-3. generate on the torch reference and on onnxruntime")
-    backends: list[Backend] = [open_backend("torch", "demo"),
-                               open_backend("onnxruntime", str(args.out),
-                                            **({"threads": args.threads} if args.threads else {}))]
+    backends: list[Backend] = [open_backend("torch", "demo", threads=args.threads),
+                               open_backend("onnxruntime", str(args.out), threads=args.threads)]
     runs = {b.name: run_backend(b) for b in backends}
 
     section("4. TensorRT")
     trt_note, trt_failed = tensorrt_missing(), False
     if trt_note is None:
-        cmd = [sys.executable, "-m", "export.trt", "--onnx", str(args.out)]
+        cmd = [sys.executable, "-m", "export.trt", "--model", str(args.out)]
         print("$ " + " ".join(cmd[1:]), flush=True)
         built = subprocess.run(cmd)
         if built.returncode != 0:

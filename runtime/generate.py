@@ -2,12 +2,13 @@
 
     python -m runtime.generate --model demo --prompt "ROMEO:" --max-new-tokens 200
     python -m runtime.generate --model artifacts/demo --backend onnxruntime --prompt "ROMEO:" --greedy
+    python -m runtime.generate --model artifacts/demo --backend tensorrt --prompt "ROMEO:"    (GPU, after export.trt)
     python -m runtime.generate --model path/to/hf-gpt2 --prompt-file p.txt --temperature 0.7 --top-p 0.9 --seed 1
 
 stdout gets, per sample, the prompt followed by the generated text as it is produced (samples
 separated by a line of dashes); stderr gets one line of figures at the end: prompt tokens, new
 tokens, prefill ms, decode tokens/s (and the seed, so a sampled run can be repeated).
-Sampling semantics: see runtime/generation.py.
+Sampling semantics: see runtime/loop.py.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import sys
 from pathlib import Path
 
 from model.errors import CliParser, ModelError, run_cli
-from runtime.backends import BACKENDS, open_backend
-from runtime.generation import GenerationResult, SamplingParams, generate, prepare_prompts
+from runtime.loop import GenerationResult, SamplingParams, generate, prepare_prompts
+from runtime.open_backend import BACKENDS, add_backend_flags, open_backend
 
 DEFAULT_MODEL = "demo"
 DEFAULT_BACKEND = "torch"
 DEFAULT_NUM_SAMPLES = 1
 MAX_NUM_SAMPLES = 1000
-MAX_THREADS = 1024
 SAMPLE_SEPARATOR = "---------------"
 DEFAULTS = SamplingParams()  # the sampling defaults live in one place: SamplingParams
 
@@ -35,7 +35,7 @@ DEFAULTS = SamplingParams()  # the sampling defaults live in one place: Sampling
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="python -m runtime.generate", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_SRC",
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="SRC_OR_DIR",
                    help="an artifact folder written by `python -m export.onnx`; for --backend torch also "
                         "demo (the bundled model), a Hugging Face GPT-2 folder, a nanoGPT ckpt.pt, or our "
                         "checkpoint folder (default: %(default)s)")
@@ -72,11 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the last block_size tokens (once the context is full every token re-runs the whole "
                         "window, about block_size times the work of a cached step); excludes --truncate "
                         "(default: refuse a prompt + --max-new-tokens that does not fit)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="where torch runs, or onnxruntime's execution provider (cuda needs onnxruntime-gpu); "
-                        "tensorrt always runs on the GPU (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch / onnxruntime (default: the library's own choice, one per core)")
+    add_backend_flags(p)
     return p
 
 
@@ -118,18 +114,6 @@ def read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
-def backend_options(args: argparse.Namespace) -> dict[str, object]:
-    if args.backend == "torch":
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        return {"device": args.device}
-    if args.backend == "onnxruntime":
-        return {"providers": args.device, **({"threads": args.threads} if args.threads else {})}
-    return {}
-
-
 def format_stats(backend_name: str, results: list[GenerationResult], prompt_len: int) -> str:
     prompt_tokens = len(results[0].prompt_tokens[0])
     truncated = f" (truncated from {prompt_len})" if prompt_tokens < prompt_len else ""
@@ -151,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelError(f"--num-samples must be in 1..{MAX_NUM_SAMPLES}, got {args.num_samples}")
     params = sampling_params(args)  # validates the numbers before anything is loaded
     prompt = read_prompt(args)
-    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
-        raise ModelError(f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
-    backend = open_backend(args.backend, args.model, **backend_options(args))
+    backend = open_backend(args.backend, args.model, device=args.device, provider=args.provider,
+                           threads=args.threads)
     prompt_ids = backend.tokenizer.encode(prompt)
     if not prompt_ids:
         raise ModelError("the prompt encodes to zero tokens")

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs an export artifact (export/onnx.py) behind the Backend protocol.
+"""ONNX Runtime backend: runs an export artifact (model/artifact.py) behind the Backend protocol.
 
 The KV cache lives in preallocated torch buffers bound with IO binding: per layer two flat
 buffers of capacity batch * n_head * max_seq_len * head_dim each for key and value. A step
@@ -16,35 +16,12 @@ import os
 import numpy as np
 import torch
 
-from export.artifact import read_artifact
+from export.session import open_session, resolve_providers
+from model.artifact import KV_KINDS, TORCH_DTYPES, past_name, present_name, read_artifact
 from model.errors import ModelError
 from runtime.backend import RowCache, shift_rows, write_rows
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
-
-
-def resolve_providers(providers: list[str] | str | None) -> list[str]:
-    """'cpu' | 'cuda' | 'tensorrt' | ORT provider names -> ORT names, available ones only."""
-    import onnxruntime as ort
-
-    if providers is None:
-        providers = ["cpu"]
-    if isinstance(providers, str):
-        providers = [providers]
-    names = [PROVIDERS.get(p, p) for p in providers]
-    available = ort.get_available_providers()
-    for n in names:
-        if n not in available:
-            hint = " (install onnxruntime-gpu)" if n in GPU_PROVIDERS else ""
-            raise ModelError(f"onnxruntime {ort.__version__} has no {n}{hint}; available: {', '.join(available)}")
-    if names[0] in GPU_PROVIDERS and "CUDAExecutionProvider" not in names:
-        names.append("CUDAExecutionProvider")
-    if "CPUExecutionProvider" not in names:
-        names.append("CPUExecutionProvider")
-    return names
+NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}  # for IO binding
 
 
 class OnnxRuntimeBackend:
@@ -54,34 +31,19 @@ class OnnxRuntimeBackend:
         """providers: 'cpu' (default), 'cuda', 'tensorrt' or ORT provider names; threads: ORT intra-op
         threads (default: ORT's choice); verify_hashes: check every file's sha256 against config.json;
         session_config: extra ORT session config entries (e.g. session.qdq_matmulnbits_accuracy_level)."""
-        import onnxruntime as ort
-
         art = read_artifact(artifact_dir, verify=verify_hashes)
-        self.config, self.tokenizer, self.export = art.config, art.tokenizer, art.export
+        self.config, self.tokenizer, self.spec = art.config, art.tokenizer, art.spec
         self.providers = resolve_providers(providers)
         self.name = "onnxruntime-" + ("cpu" if self.providers[0] == "CPUExecutionProvider" else
                                       "cuda" if self.providers[0] == "CUDAExecutionProvider" else "tensorrt")
         self.device = torch.device("cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda")
-        self.kv_dtype = TORCH_DTYPES[self.export.get("dtype", "float32")]
-        self.max_seq_len = int(self.export.get("max_seq_len", self.config.block_size))
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, value)
-        try:
-            self.session = ort.InferenceSession(str(art.model_path), options, providers=self.providers)
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ModelError(f"{art.model_path}: onnxruntime cannot load it ({first})") from None
-        names = {i.name for i in self.session.get_inputs()} | {o.name for o in self.session.get_outputs()}
-        for n in self.export.get("inputs", []) + self.export.get("outputs", []):
-            if n not in names:
-                raise ModelError(f"{art.model_path}: graph lacks {n!r} listed in config.json")
+        self.kv_dtype = TORCH_DTYPES[self.spec.dtype]
+        self.max_seq_len = self.spec.max_seq_len
+        self.session = open_session(art.model_path, art.config, self.providers, threads, session_config)
         self.rows = self.cache_len = self._capacity = 0
         # names bound at every run, worked out once (Python per step is per-token cost)
-        self._kv_names = [(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}")
-                          for i in range(self.config.n_layer) for kind in ("key", "value")]
+        self._kv_names = [(past_name(i, kind), present_name(i, kind))
+                          for i in range(self.config.n_layer) for kind in KV_KINDS]
         self._bind_where = ("cpu" if self.device.type == "cpu" else "cuda", self.device.index or 0)
         self._kv: list[list[list[torch.Tensor]]] | None = None
         self._no_past = torch.zeros(1, dtype=self.kv_dtype, device=self.device)  # a real address for past 0
@@ -132,7 +94,7 @@ class OnnxRuntimeBackend:
         layers = [(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(c.n_layer)]
         past = [(self._no_past, self._no_past)] * c.n_layer
-        logits = torch.empty(n, T if self.export.get("logits") == "all" else 1, c.vocab_size,
+        logits = torch.empty(n, T if self.spec.logits == "all" else 1, c.vocab_size,
                              dtype=torch.float32, device=self.device)
         binding = self.session.io_binding()
         self._run(binding, input_ids, attention_mask, position_ids, past, 0, layers, logits)
@@ -209,9 +171,9 @@ class OnnxRuntimeBackend:
         past_shape, present_shape = [B, c.n_head, P, c.head_dim], [B, c.n_head, T, c.head_dim]
         past_bufs = [t for kv in past for t in kv]
         present_bufs = [t for kv in present for t in kv]
-        for (past_name, present_name), src, dst in zip(self._kv_names, past_bufs, present_bufs):
-            bind_in(past_name, where, index, kv_type, past_shape, src.data_ptr())
-            bind_out(present_name, where, index, kv_type, present_shape, dst.data_ptr())
+        for (input_name, output_name), src, dst in zip(self._kv_names, past_bufs, present_bufs):
+            bind_in(input_name, where, index, kv_type, past_shape, src.data_ptr())
+            bind_out(output_name, where, index, kv_type, present_shape, dst.data_ptr())
         self._bind(binding, "logits", logits, tuple(logits.shape), output=True)
         self.session.run_with_iobinding(binding)
         del feeds  # kept alive until the run finished
@@ -223,7 +185,7 @@ class OnnxRuntimeBackend:
         if T > self._cap:
             raise ModelError(f"sequence length {T} exceeds max_seq_len {self._cap} given to reset")
         c = self.config
-        if self.export.get("logits") == "all":
+        if self.spec.logits == "all":
             logits = torch.empty(B, S, c.vocab_size, dtype=torch.float32, device=self.device)
         else:
             logits = self._logits[:B]

@@ -10,7 +10,7 @@ Each iteration (`Scheduler.step`):
    when the shared padded length reaches the cache's capacity, the padding every row has in
    common is dropped first (`trim_left`);
 4. rows whose context is full (sliding_window requests only: nanoGPT's sample.py) re-run their last
-   `limit` tokens together, outside the cached batch (runtime/generation.py states the cost);
+   `limit` tokens together, outside the cached batch (runtime/loop.py states the cost);
 5. each row samples with its own parameters and generator, streams its text, and a finished row
    leaves the batch.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.backend import Backend
-from runtime.generation import SamplingParams, StopWatcher, context_limit, sample_next, window_inputs
+from runtime.loop import SamplingParams, StopStringScanner, context_limit, sample_next, window_inputs
 
 FINISH_REASONS = ("eot", "stop", "length", "cancelled", "error")
 
@@ -67,7 +67,7 @@ class Completion:
 class _Row:
     completion: Completion
     generator: torch.Generator | None
-    watcher: StopWatcher
+    watcher: StopStringScanner
     seq: list[int]  # prompt + new tokens: what the row conditions on
     cached: int = 0  # this row's positions in the backend cache (right-aligned)
     sent: int = 0  # characters of watcher.text passed to on_event
@@ -198,7 +198,7 @@ class Scheduler:
             if not c.params.is_greedy:
                 c.seed = c.params.seed if c.params.seed is not None else secrets.randbits(62)
                 generator = torch.Generator().manual_seed(c.seed)
-            row = _Row(c, generator, StopWatcher(b.tokenizer.decode, c.params.stop, 0, None), list(c.prompt))
+            row = _Row(c, generator, StopStringScanner(b.tokenizer.decode, c.params.stop, 0, None), list(c.prompt))
             ids, mask, pos = window_inputs([c.prompt], self.limit)
             logits, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device))
             row.cached = ids.shape[1]

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.errors import CliParser, ModelError, run_cli
-from runtime.backends import BACKENDS, open_backend
-from runtime.generation import GenerationError, SamplingParams, check_prompts
+from runtime.loop import GenerationError, SamplingParams, check_prompts
+from runtime.open_backend import BACKENDS, add_backend_flags, open_backend
 from runtime.scheduler import Completion, QueueFull, Scheduler
 
 DEFAULT_HOST = "127.0.0.1"
@@ -416,7 +416,7 @@ def _sse(body: dict[str, Any]) -> bytes:
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="python -m runtime.serve", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", metavar="PATH_OR_SRC",
+    p.add_argument("--model", default="demo", metavar="SRC_OR_DIR",
                    help="what runtime.generate's --model takes: an artifact folder, or for --backend torch also "
                         "demo, a HF GPT-2 folder, a nanoGPT ckpt.pt (default: %(default)s)")
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="%(choices)s (default: %(default)s)")
@@ -435,10 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger request bodies get 413 (default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
                    help="on SIGTERM, wait at most this long for requests in flight (default: %(default)s)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="torch device or onnxruntime provider, as in runtime.generate (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch / onnxruntime (default: the library's own choice)")
+    add_backend_flags(p)
     p.add_argument("--access-log", action="store_true", help="log every request line (default: off)")
     return p
 
@@ -448,18 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         raise ModelError(f"--port must be in 0..65535, got {args.port}")
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-body-bytes", args.max_body_bytes, 1024), ("--threads", args.threads or 1, 1)):
+                             ("--max-body-bytes", args.max_body_bytes, 1024)):
         if value < low:
             raise ModelError(f"{flag} must be >= {low}, got {value}")
     if not args.drain_timeout > 0:
         raise ModelError(f"--drain-timeout must be > 0, got {args.drain_timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise ModelError("--api-key must not be empty")
-    import uvicorn
+    import uvicorn  # the "serve" extra
 
-    from runtime.generate import backend_options
-
-    backend = open_backend(args.backend, args.model, **backend_options(args))
+    backend = open_backend(args.backend, args.model, device=args.device, provider=args.provider,
+                           threads=args.threads)
     scheduler = Scheduler(backend, args.max_batch, args.max_queue)
     name = args.served_model_name or (args.model.rstrip("/").rsplit("/", 1)[-1] or args.model)
     app = create_app(scheduler, ServeConfig(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes))

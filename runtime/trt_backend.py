@@ -22,52 +22,58 @@ batching, which use only torch copies on the buffers above).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from model.artifact import (
+    DECODE,
+    PREFILL,
+    TORCH_DTYPES,
+    cache_names,
+    engine_files,
+    gpu_identity,
+    read_artifact,
+    read_engine_manifest,
+    require_tensorrt_and_gpu,
+)
 from model.errors import ModelError
+from model.files import sha256_file
 from runtime.backend import RowCache, shift_rows, write_rows
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, artifact_dir: str | os.PathLike, variant: str | None = None) -> None:
-        from export.artifact import read_artifact, sha256_file
-        from export.trt import DECODE, PREFILL, engine_files, gpu_identity, require_tensorrt_and_gpu
-
         trt = require_tensorrt_and_gpu()
         self.artifact_dir = Path(artifact_dir)
         art = read_artifact(self.artifact_dir, verify=True)
         self.config, self.tokenizer = art.config, art.tokenizer
-        manifest_path = self._find_manifest(variant, engine_files)
-        manifest = json.loads(manifest_path.read_text())
+        manifest_path = self._find_manifest(variant)
+        manifest = read_engine_manifest(manifest_path)
         gpu = gpu_identity()
-        if manifest["tensorrt"] != trt.__version__:
-            raise ModelError(f"{manifest_path.name}: engine built with TensorRT {manifest['tensorrt']}, this is "
+        if manifest.tensorrt != trt.__version__:
+            raise ModelError(f"{manifest_path.name}: engine built with TensorRT {manifest.tensorrt}, this is "
                              f"{trt.__version__}; rebuild with python -m export.trt")
-        if manifest["gpu"] != gpu:
-            raise ModelError(f"{manifest_path.name}: engine built for {manifest['gpu']['name']} "
-                             f"(sm {manifest['gpu']['compute_capability']}), this GPU is {gpu['name']} "
+        if manifest.gpu != gpu:
+            raise ModelError(f"{manifest_path.name}: engine built for {manifest.gpu['name']} "
+                             f"(sm {manifest.gpu['compute_capability']}), this GPU is {gpu['name']} "
                              f"(sm {gpu['compute_capability']}); rebuild with python -m export.trt")
-        plan_path = self.artifact_dir / manifest["plan"]["file"]
-        if not plan_path.is_file() or sha256_file(plan_path) != manifest["plan"]["sha256"]:
+        plan_path = self.artifact_dir / manifest.plan["file"]
+        if not plan_path.is_file() or sha256_file(plan_path) != manifest.plan["sha256"]:
             raise ModelError(f"{plan_path}: missing or does not match its manifest; rebuild with python -m export.trt")
-        if manifest["plugins"]:
+        if manifest.plugins:
             import export.plugins.register  # noqa: F401 - AOT kernels are in the plan; JIT (aot=0) nodes need this
 
         self.manifest = manifest
-        self.variant = manifest["variant"]
-        self.static_cache = manifest["kv_cache"] == "static"  # attention plugin: in-place cache
+        self.variant = manifest.variant
+        self.static_cache = manifest.kv_cache == "static"  # attention plugin: in-place cache
         self.device = torch.device("cuda")
-        self.dtype = TORCH_DTYPES[manifest["dtype"]]
-        self.max_seq_len = int(manifest["max_seq_len"])
-        self.max_batch = int(manifest["max_batch"])
+        self.dtype = TORCH_DTYPES[manifest.dtype]
+        self.max_seq_len = manifest.max_seq_len
+        self.max_batch = manifest.max_batch
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
@@ -88,7 +94,7 @@ class TensorRTBackend:
         self.rows = 0
         self.cache_len = 0
 
-    def _find_manifest(self, variant: str | None, engine_files) -> Path:
+    def _find_manifest(self, variant: str | None) -> Path:
         variants = [variant] if variant else ["plugins", "native"]
         for v in variants:
             path = self.artifact_dir / engine_files(v)[1]
@@ -96,7 +102,7 @@ class TensorRTBackend:
                 return path
         wanted = " or ".join(engine_files(v)[1] for v in variants)
         raise ModelError(f"{self.artifact_dir}: no TensorRT engine ({wanted}); "
-                         f"build one with python -m export.trt --onnx {self.artifact_dir}")
+                         f"build one with python -m export.trt --model {self.artifact_dir}")
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         if not 1 <= batch_size <= self.max_batch:
@@ -106,7 +112,7 @@ class TensorRTBackend:
         c, B, M = self.config, batch_size, self.max_seq_len
         with torch.cuda.stream(self.stream):
             if B > self.capacity:
-                rows = M if self.manifest["logits"] == "all" else 1
+                rows = M if self.manifest.logits == "all" else 1
                 self._logits = torch.empty(B * rows * c.vocab_size, dtype=torch.float32, device=self.device)
                 if self.static_cache:  # zeroed once; stale rows past cache_len are never read
                     self._cache = {}
@@ -134,7 +140,7 @@ class TensorRTBackend:
         return self._run(self._decode, input_ids, attention_mask, position_ids)
 
     def _cache_names(self) -> list[str]:
-        return [f"cache.{i}.{kind}" for i in range(self.config.n_layer) for kind in ("key", "value")]
+        return cache_names(self.config.n_layer)[0]
 
     def _run(self, phase: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              position_ids: torch.Tensor) -> torch.Tensor:
@@ -215,7 +221,7 @@ class TensorRTBackend:
             raise RuntimeError(f"prefill_rows of {n} x {T} is outside the engine's {self.max_batch} x {M}")
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
         with torch.cuda.stream(self.stream):
-            rows = M if self.manifest["logits"] == "all" else 1
+            rows = M if self.manifest.logits == "all" else 1
             logits_buf = torch.empty(n * rows * c.vocab_size, dtype=torch.float32, device=self.device)
             if self.static_cache:  # the plugin writes in place: a scratch static cache of its own
                 if not self._scratch or next(iter(self._scratch.values())).shape[0] < n:

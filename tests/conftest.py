@@ -28,7 +28,7 @@ def demo_onnx(tmp_path_factory):
 @pytest.fixture(scope="module", params=["torch", "onnxruntime"])
 def demo_backend(request, demo_onnx):
     """The demo model on the torch reference and on onnxruntime (one intra-op thread: a busy machine)."""
-    from runtime.backends import open_backend
+    from runtime.open_backend import open_backend
 
     if request.param == "torch":
         return open_backend("torch", "demo")

@@ -13,10 +13,11 @@ import onnx
 import pytest
 import torch
 
-from export.artifact import onnx_state_dict, read_artifact, sha256_file
 from export.onnx import export_artifact, main
+from model.artifact import onnx_state_dict, read_artifact
 from model.config import GPTConfig
 from model.errors import ModelError
+from model.files import sha256_file
 from model.gpt import GPT
 from model.load import load_model, save_checkpoint
 from model.tokenizer import char_tokenizer, gpt2_tokenizer
@@ -52,7 +53,7 @@ def decomposed(src) -> Path:
 
 
 def counts(art: Path) -> dict[str, int]:
-    return read_artifact(art).export["node_counts"]
+    return read_artifact(art).record["node_counts"]
 
 
 def test_fused_graph_structure(fused):
@@ -76,7 +77,7 @@ def test_decomposed_graph_structure(decomposed):
     c = counts(decomposed)
     assert "Attention" not in c and "Gelu" not in c
     assert c["Softmax"] == CONFIG.n_layer and c["LayerNormalization"] == 2 * CONFIG.n_layer + 1
-    assert read_artifact(decomposed).export["opset"] == 18
+    assert read_artifact(decomposed).spec.opset == 18
 
 
 def test_graph_io_contract(fused):
@@ -88,8 +89,8 @@ def test_graph_io_contract(fused):
     assert dims["past_key_values.1.value"] == ["batch", H, "past", D]
     assert dims["present.1.key"] == ["batch", H, "total", D]
     assert dims["logits"] == ["batch", 1, CONFIG.vocab_size]
-    export = read_artifact(fused).export
-    assert export["inputs"] == [v.name for v in g.input] and export["outputs"] == [v.name for v in g.output]
+    record = read_artifact(fused).record
+    assert record["inputs"] == [v.name for v in g.input] and record["outputs"] == [v.name for v in g.output]
 
 
 def test_artifact_config_and_hashes(fused):
@@ -97,9 +98,9 @@ def test_artifact_config_and_hashes(fused):
     assert GPTConfig.from_dict(cfg["model"]) == CONFIG
     assert cfg["tokenizer"]["type"] == "char"
     assert cfg["files"] == {name: sha256_file(fused / name) for name in ("model.onnx", "genai_config.json")}
-    e = cfg["export"]
-    assert (e["opset"], e["dtype"], e["graph"], e["logits"], e["max_seq_len"]) == (23, "float32", "fused", "last", 128)
-    assert set(e["versions"]) == {"torch", "onnx", "onnxruntime", "gptdeploy"}
+    assert cfg["export"] == {"dtype": "float32", "opset": 23, "graph": "fused", "max_seq_len": 128, "logits": "last",
+                             "quantize": None, "quant_block": None}  # the ExportSpec, every field
+    assert set(cfg["record"]["versions"]) == {"torch", "onnx", "onnxruntime", "gptdeploy"}
     assert not [p for p in fused.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
@@ -128,21 +129,21 @@ def test_gpt2_tokenizer_files_travel_with_artifact(tmp_path):
     art = read_artifact(tmp_path / "art")
     assert set(art.files) == {"model.onnx", "encoder.json", "vocab.bpe", "genai_config.json", "tokenizer.json",
                               "tokenizer_config.json"}
-    assert art.export["max_seq_len"] == 32
+    assert art.spec.max_seq_len == 32
     assert art.tokenizer.decode(art.tokenizer.encode("Hello world")) == "Hello world"
 
 
 def test_cli_exports_and_verifies(src, tmp_path):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m", "export.onnx", "--model", str(src), "--out", str(out),
-                        "--report-cases", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--parity-cases", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     for stage in ("[load", "[build", "[write", "[verify"):
         assert stage in r.stdout
     assert "max |logits diff|" in r.stdout and "top-1 agreement" in r.stdout and "Attention 2" in r.stdout
-    export = read_artifact(out).export
-    assert export["graph"] == "fused"
-    assert export["verify"]["decode"]["max_abs_diff"] <= 1e-4 and export["verify"]["report"]["cases"] == 4
+    art = read_artifact(out)
+    assert art.spec.graph == "fused"
+    assert art.record["verify"]["decode"]["max_abs_diff"] <= 1e-4 and art.record["verify"]["report"]["cases"] == 4
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
@@ -156,7 +157,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--opset", "12"], "opset 12 is not supported"),
     (["--opset", "30"], "opset 30 is not supported"),
-    (["--opset", "18", "--graph", "fused"], "needs --opset >= 23"),
+    (["--opset", "18", "--graph", "fused"], "needs opset >= 23"),
     (["--max-seq-len", "0"], "out of range"),
     (["--max-seq-len", "129"], "out of range"),
     (["--dtype", "int8"], "invalid choice"),
@@ -201,7 +202,7 @@ def test_failed_verification_leaves_nothing(src, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export.parity, "FP32_MAX_ABS_DIFF", 0.0)  # any real difference now fails
     with pytest.raises(ModelError, match="verification failed"):
-        export_artifact(src, tmp_path / "out", verify_steps=2, report_cases=2, log=quiet)
+        export_artifact(src, tmp_path / "out", verify_steps=2, parity_cases=2, log=quiet)
     assert os.listdir(tmp_path) == []
 
 
@@ -251,9 +252,9 @@ def test_external_data_artifact(src, tmp_path, monkeypatch):
     import export.onnx
 
     monkeypatch.setattr(export.onnx, "EXTERNAL_DATA_BYTES", 0)
-    summary = export_artifact(src, tmp_path / "ext", verify_steps=2, report_cases=2, log=quiet)
+    summary = export_artifact(src, tmp_path / "ext", verify_steps=2, parity_cases=2, log=quiet)
     art = read_artifact(tmp_path / "ext")
-    assert art.export["external_data"] and set(art.files) == {"model.onnx", "model.onnx.data", "genai_config.json"}
+    assert art.external_data and set(art.files) == {"model.onnx", "model.onnx.data", "genai_config.json"}
     assert (tmp_path / "ext" / "model.onnx").stat().st_size < 100_000
     assert summary["verify"]["max_abs_diff"] <= 1e-4
     ref, _ = load_model(src)
@@ -262,12 +263,12 @@ def test_external_data_artifact(src, tmp_path, monkeypatch):
 
 
 def test_write_failure_is_one_line_and_leaves_nothing(src, tmp_path, monkeypatch):
-    import export.artifact
+    import export.onnx
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export.artifact, "write_config", disk_full)
+    monkeypatch.setattr(export.onnx, "write_config", disk_full)
     with pytest.raises(ModelError, match="No space left on device"):
         export_artifact(src, tmp_path / "out", verify=False, log=quiet)
     assert os.listdir(tmp_path) == []

@@ -225,7 +225,7 @@ def test_demo_model_fp16_greedy(tmp_path):
     every greedy token identical. (Near ties -- reference gap between the two tokens <= 2 * max |diff| -- can
     flip in fp16 for other weights; the shipped demo weights have none over these steps.)"""
     summary = export_artifact("demo", tmp_path / "demo16", dtype="float16", verify_steps=GREEDY_STEPS,
-                              report_cases=REPORT_CASES, log=print)  # verify raises if out of bound
+                              parity_cases=REPORT_CASES, log=print)  # verify raises if out of bound
     dec, report = summary["verify"], summary["report"]
     assert dec["greedy_unexplained"] == 0 and dec["nan"] == 0
     assert dec["near_ties"] <= MAX_DEMO_FP16_NEAR_TIES

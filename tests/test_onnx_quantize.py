@@ -13,14 +13,15 @@ import onnx
 import pytest
 import torch
 
-from export.artifact import read_artifact
 from export.onnx import ORT_EXACT_MATMULNBITS, count_ort_optimized, export_artifact, main
 from export.quality import QUALITY_BOUNDS
-from export.quantize import QMAX, make_spec, pack_int4, quantize_blocks, unpack_int4
+from export.quantize import QMAX, pack_int4, quantize_blocks, unpack_int4
+from model.artifact import ExportSpec, read_artifact
+from model.config import GPTConfig
 from model.demo.train import NANOGPT_DIR
 from model.errors import ModelError
 from model.load import load_model
-from runtime.generation import SamplingParams, generate
+from runtime.loop import SamplingParams, generate
 from runtime.ort_backend import OnnxRuntimeBackend
 
 logs: list[str] = []
@@ -51,13 +52,14 @@ def test_int4_packing_roundtrip():
 
 
 def test_spec_rejects_bad_blocks():
-    assert make_spec(None, None, [64, 256]) is None
-    assert make_spec("int4", None, [64, 256]).block == 32
+    tiny = GPTConfig.preset("tiny")  # n_embd 64: quantized widths 64 and 256
+    assert ExportSpec.for_model(tiny).quant_block is None
+    assert ExportSpec.for_model(tiny, quantize="int4").quant_block == 32
     for block, msg in [(48, "power of two"), (8, "power of two"), (128, "does not divide")]:
         with pytest.raises(ValueError, match=msg):
-            make_spec("int4", block, [64, 256])
-    with pytest.raises(ValueError, match="needs --quantize"):
-        make_spec(None, 32, [64])
+            ExportSpec.for_model(tiny, quantize="int4", quant_block=block)
+    with pytest.raises(ValueError, match="needs quantize"):
+        ExportSpec.for_model(tiny, quant_block=32)
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +72,9 @@ def demo_int4(tmp_path_factory, one_thread) -> Path:
 
 def test_int4_export_graph_and_what_onnxruntime_runs(demo_int4):
     art = read_artifact(demo_int4)
-    c, q = art.config, art.export["quantization"]
+    c, q = art.config, art.record["quantization"]
     assert q["bits"] == 4 and q["block_size"] == 32 and q["symmetric"]
-    counts = art.export["node_counts"]
+    counts = art.record["node_counts"]
     assert counts["MatMul"] == 4 * c.n_layer + 1 and counts.get("Gemm", 0) == 0  # every Linear + lm_head
     assert counts["DequantizeLinear"] == 4 * c.n_layer + 2  # + the int8 embedding table
     proto = onnx.load(str(art.model_path))
@@ -86,7 +88,7 @@ def test_int4_export_graph_and_what_onnxruntime_runs(demo_int4):
             attrs = {a.name: a.i for a in node.attribute}
             assert attrs["block_size"] == 32 and len(node.input) == 2  # no zero point: symmetric
     # ONNX Runtime's optimized graph: every quantized matmul became com.microsoft.MatMulNBits
-    ran = art.export["quantization"]["onnxruntime_optimized"]
+    ran = art.record["quantization"]["onnxruntime_optimized"]
     assert ran["MatMulNBits"] == 4 * c.n_layer + 1 and ran.get("MatMul", 0) == 0
     assert count_ort_optimized(art.model_path, ORT_EXACT_MATMULNBITS)["MatMulNBits"] == 4 * c.n_layer + 1
 
@@ -94,7 +96,7 @@ def test_int4_export_graph_and_what_onnxruntime_runs(demo_int4):
 def test_int4_verify_states_bound_and_passes_on_trained_weights(demo_int4):
     text = "\n".join(logs)
     assert "bound for int4: val loss <= fp32 + 0.05, top-1 >= 0.9" in text
-    v = read_artifact(demo_int4).export["verify"]
+    v = read_artifact(demo_int4).record["verify"]
     assert v["decode"]["max_abs_diff"] <= 1e-4 and v["decode"]["greedy_identical"]
     quality = v["quality"]
     assert quality["loss_increase"] <= QUALITY_BOUNDS["int4"]["max_loss_increase"]
@@ -117,16 +119,16 @@ def test_nanogpt_checkpoint_int8_export(tmp_path, one_thread):
                     log=lines.append)
     text = "\n".join(lines)
     assert "bound for int8: val loss <= fp32 + 0.01, top-1 >= 0.97" in text
-    quality = read_artifact(tmp_path / "ng-int8").export["verify"]["quality"]
+    quality = read_artifact(tmp_path / "ng-int8").record["verify"]["quality"]
     assert quality["loss_increase"] <= 0.01 and quality["top1_agreement"] >= 0.97
 
 
 def test_cli_errors_are_one_line(tmp_path):
     for argv, msg in [
-        (["--quantize", "int4", "--opset", "18"], "needs --opset >= 21"),
+        (["--quantize", "int4", "--opset", "18"], "needs opset >= 21"),
         (["--quantize", "int4", "--quant-block", "48"], "power of two"),
         (["--quantize", "int4", "--quant-block", "128"], "does not divide"),
-        (["--quant-block", "32"], "needs --quantize"),
+        (["--quant-block", "32"], "needs quantize"),
     ]:
         with pytest.raises(ModelError, match=msg):
             main(["--model", "demo", "--out", str(tmp_path / "x"), *argv])
@@ -183,7 +185,7 @@ def test_float16_int4_export_verifies_with_the_fp16_parity_bound(tmp_path, one_t
     lines: list[str] = []
     export_artifact(NANOGPT_DIR / "ckpt.pt", tmp_path / "ng-int4-fp16", dtype="float16", quantize="int4",
                     verify=True, log=lines.append)
-    export = read_artifact(tmp_path / "ng-int4-fp16").export
-    assert export["dtype"] == "float16" and export["quantization"]["bits"] == 4
-    assert export["quantization"]["onnxruntime_optimized"]["MatMulNBits"] == 4 * 4 + 1
-    assert export["verify"]["quality"]["top1_agreement"] >= 0.90
+    art = read_artifact(tmp_path / "ng-int4-fp16")
+    assert art.spec.dtype == "float16" and art.spec.quantize == "int4" and art.record["quantization"]["bits"] == 4
+    assert art.record["quantization"]["onnxruntime_optimized"]["MatMulNBits"] == 4 * 4 + 1
+    assert art.record["verify"]["quality"]["top1_agreement"] >= 0.90

@@ -1,4 +1,4 @@
-"""Cross-check: the graph export.graph builds equals what torch's own ONNX exporter traces from
+"""Cross-check: the graph export.onnx_graph builds equals what torch's own ONNX exporter traces from
 the reference model (torch.onnx.export, dynamo, opset 23), op for fused op and output for output."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.graph import build_gpt_graph, node_counts
+from export.onnx_graph import build_gpt_graph, node_counts
 from model import GPT, GPTConfig
+from model.artifact import ExportSpec
 
 TRACE_VS_BUILT_ATOL = 1e-5
 
@@ -43,7 +44,7 @@ def test_built_graph_equals_torch_onnx_trace():
     traced = torch.onnx.export(_PastAsTuples(model), (ids, mask, pos, past), dynamo=True, opset_version=23,
                                dynamic_shapes=dynamic, optimize=True, verbose=False).model_proto
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    built = build_gpt_graph(config, state, graph="fused", opset=23)
+    built = build_gpt_graph(config, state, ExportSpec.for_model(config))
 
     fused = ("Attention", "Gelu", "LayerNormalization")
     assert {k: node_counts(traced).get(k, 0) for k in fused} == {k: node_counts(built).get(k, 0) for k in fused}

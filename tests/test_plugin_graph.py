@@ -1,4 +1,4 @@
-"""The plugin graph pass (export/plugins/graph.py) and the CPU proof that the rewritten graph, with
+"""The plugin graph pass (export/plugins/graph_pass.py) and the CPU proof that the rewritten graph, with
 its plugin nodes run by the PyTorch references and everything else by ONNX Runtime, gives PyTorch's
 logits and greedy tokens through a prefill and many decode steps on a static in-place cache."""
 
@@ -12,9 +12,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.graph import build_gpt_graph
+from export.onnx_graph import build_gpt_graph
 from export.plugins.executor import PluginGraphExecutor
-from export.plugins.graph import GraphPassError, cache_names, plugin_nodes, to_plugin_graph
+from export.plugins.graph_pass import GraphPassError, plugin_nodes, to_plugin_graph
+from model.artifact import ExportSpec, cache_names
 from model.config import GPTConfig
 from model.gpt import GPT
 
@@ -30,7 +31,7 @@ def _model(seed: int = 0, **overrides) -> GPT:
 
 def _fused(model: GPT, dtype: str = "float32") -> onnx.ModelProto:
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    return build_gpt_graph(model.config, state, graph="fused", dtype=dtype, opset=23)
+    return build_gpt_graph(model.config, state, ExportSpec.for_model(model.config, dtype=dtype))
 
 
 def test_rewrite_gives_the_plugin_graph_contract():
@@ -142,7 +143,7 @@ def test_gelu_only_keeps_past_present():
 def test_decomposed_graph_is_refused():
     model = _model()
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    decomposed = build_gpt_graph(model.config, state, graph="decomposed", opset=20)
+    decomposed = build_gpt_graph(model.config, state, ExportSpec.for_model(model.config, opset=20))
     with pytest.raises(GraphPassError, match="fused export"):
         to_plugin_graph(decomposed)
     with pytest.raises(GraphPassError, match="unknown plugins"):

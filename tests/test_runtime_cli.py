@@ -119,7 +119,7 @@ def test_defaults_run_the_demo_model(capsys):
 
 def test_nanogpt_ckpt_with_padded_vocabulary(capsys, tmp_path):
     from model.load import load_model
-    from runtime.generation import SamplingParams, generate
+    from runtime.loop import SamplingParams, generate
     from runtime.torch_backend import TorchBackend
     from tests.helpers import nanogpt_state, save_nanogpt_ckpt
 
@@ -172,7 +172,7 @@ def _other_opset(artifact: Path, tmp_path: Path) -> Path:
     """An artifact made for a runtime with a newer ONNX opset than the installed onnxruntime knows."""
     import onnx
 
-    from export.artifact import sha256_file
+    from model.files import sha256_file
 
     other = tmp_path / "opset99"
     other.mkdir()
@@ -199,10 +199,10 @@ BAD_INPUTS = {  # name: (argv after the fixture paths are substituted, part of t
     "demo is not an artifact": (["--backend", "onnxruntime", "--model", "demo", "--prompt", "a"],
                                 "python -m export.onnx --model demo"),
     "tensorrt not installed": (["--backend", "tensorrt", "--model", "{art}", "--prompt", "a"],
-                               "needs TensorRT"),
+                               "TensorRT is not installed"),
     "corrupt artifact": (["--backend", "onnxruntime", "--model", "{corrupt}", "--prompt", "a"], "sha256"),
     "artifact for another opset": (["--backend", "onnxruntime", "--model", "{opset99}", "--prompt", "a"],
-                                   "onnxruntime cannot load it"),
+                                   "opset 99 is not supported"),
     "missing torch model": (["--model", "{tmp}/nope.pt", "--prompt", "a"], "no such file"),
     "negative max-new-tokens": (["--model", "{tiny}", "--prompt", "a", "--max-new-tokens", "-5"], "max_new_tokens"),
     "absurd max-new-tokens": (["--model", "{tiny}", "--prompt", "a", "--max-new-tokens", "1000000000"],
@@ -232,7 +232,12 @@ BAD_INPUTS = {  # name: (argv after the fixture paths are substituted, part of t
     "char outside the vocabulary": (["--model", "{tiny}", "--prompt", "caf\u00e9"], "not in the model's"),
     "zero threads": (["--model", "{tiny}", "--prompt", "a", "--threads", "0"], "--threads"),
     "cuda provider not installed": (
-        ["--backend", "onnxruntime", "--model", "{art}", "--prompt", "a", "--device", "cuda"], "CUDAExecutionProvider"),
+        ["--backend", "onnxruntime", "--model", "{art}", "--prompt", "a", "--provider", "cuda"],
+        "CUDAExecutionProvider"),
+    "device is for torch": (["--backend", "onnxruntime", "--model", "{art}", "--prompt", "a", "--device", "cpu"],
+                            "--device is the torch device"),
+    "provider is for onnxruntime": (["--model", "{tiny}", "--prompt", "a", "--provider", "cpu"],
+                                    "--provider is onnxruntime's"),
     "no cuda for torch": (["--model", "{tiny}", "--prompt", "a", "--device", "cuda"], "no CUDA GPU"),
     "unknown device": (["--model", "{tiny}", "--prompt", "a", "--device", "tpu"], "invalid choice: 'tpu'"),
 }

@@ -76,7 +76,7 @@ def test_tensorrt_step_when_present(tmp_path, monkeypatch, capsys):
         build_rc = 0
         assert demo.main(["--out", str(tmp_path / "demo"), "--threads", "1"]) == 0
         out = capsys.readouterr().out
-        assert calls[-1][1:] == ["-m", "export.trt", "--onnx", str(tmp_path / "demo")]
+        assert calls[-1][1:] == ["-m", "export.trt", "--model", str(tmp_path / "demo")]
         assert re.search(r"^greedy\s+tensorrt vs torch: .* identical", out, re.M)
         assert re.search(r"^tensorrt\s+[\d.]+\s+[\d.]+$", out, re.M)
         build_rc = 1

@@ -8,8 +8,8 @@ import torch
 from model.config import GPTConfig
 from model.gpt import GPT
 from model.tokenizer import Tokenizer, char_tokenizer
-from runtime.backends import open_backend
-from runtime.generation import GenerationError, SamplingParams, generate, sample_next
+from runtime.loop import GenerationError, SamplingParams, generate, sample_next
+from runtime.open_backend import open_backend
 from runtime.torch_backend import TorchBackend
 from tests.helpers import save_random_hf_gpt2
 

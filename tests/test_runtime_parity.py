@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.backends import open_backend
-from runtime.generation import SamplingParams, generate
+from runtime.loop import SamplingParams, generate
+from runtime.open_backend import open_backend
 from tests.helpers import save_random_hf_gpt2
 
 GREEDY_STEPS = 100

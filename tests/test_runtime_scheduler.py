@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runtime.backend import RowCache
-from runtime.generation import SamplingParams, generate
+from runtime.loop import SamplingParams, generate
 from runtime.scheduler import Completion, QueueFull, Scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.load import load_model
-from runtime.generation import GenerationError, SamplingParams, generate
+from runtime.loop import GenerationError, SamplingParams, generate
 from tests.helpers import nanogpt_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

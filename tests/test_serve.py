@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.serve import ServerProcess
-from runtime.backends import open_backend
-from runtime.generation import SamplingParams, generate
+from runtime.loop import SamplingParams, generate
+from runtime.open_backend import open_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,6 +9,7 @@ return False on failure. This proves the backend's calls and their order, not Te
 from __future__ import annotations
 
 import contextlib
+import types
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def _backend(monkeypatch, log: list, extra_io: tuple[str, ...] = (), refuse: tup
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: producer)
     b = object.__new__(TensorRTBackend)
-    b.config, b.static_cache, b.manifest = config, True, {"logits": "last"}
+    b.config, b.static_cache, b.manifest = config, True, types.SimpleNamespace(logits="last")  # EngineManifest.logits
     b.device, b.dtype, b.max_seq_len, b.max_batch = torch.device("cpu"), torch.float32, 32, 4
     b.stream = FakeStream(log, "backend")
     ctx = FakeContext(log, io + list(extra_io), config.vocab_size, refuse)

@@ -13,13 +13,13 @@ import onnx
 import pytest
 import torch
 
-from export.artifact import read_artifact, sha256_file
 from export.onnx import export_artifact
 from export.plugins.executor import PluginGraphExecutor
-from export.plugins.graph import cache_names
-from export.trt import PLUGIN_GRAPH_FILE, main, parse_plugins, profile_shapes
+from export.trt import main, parse_plugins, profile_shapes
+from model.artifact import PLUGIN_GRAPH_FILE, cache_names, read_artifact
 from model.config import GPTConfig
 from model.errors import ModelError
+from model.files import sha256_file
 from model.gpt import GPT
 from model.load import save_checkpoint
 from model.tokenizer import char_tokenizer
@@ -60,7 +60,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_graph_only_writes_the_plugin_graph(fused, model):
     before = sha256_file(fused / "model.onnx")
-    assert main(["--onnx", str(fused), "--graph-only"]) == 0
+    assert main(["--model", str(fused), "--graph-only"]) == 0
     assert sha256_file(fused / "model.onnx") == before
     read_artifact(fused, verify=True)  # the artifact's own files are untouched
     pg = onnx.load(str(fused / PLUGIN_GRAPH_FILE))
@@ -81,14 +81,14 @@ def test_graph_only_writes_the_plugin_graph(fused, model):
 
 
 def test_gelu_only_graph(fused):
-    assert main(["--onnx", str(fused), "--graph-only", "--plugins", "gelu"]) == 0
+    assert main(["--model", str(fused), "--graph-only", "--plugins", "gelu"]) == 0
     ops = Counter(n.op_type for n in onnx.load(str(fused / PLUGIN_GRAPH_FILE)).graph.node)
     assert ops["bias_gelu"] == CONFIG.n_layer and ops["Attention"] == CONFIG.n_layer
 
 
 @pytest.mark.skipif(has_tensorrt(), reason="TensorRT is installed here: the missing-TensorRT message cannot show")
 def test_build_without_tensorrt_is_a_one_line_error(fused):
-    proc = run_cli("--onnx", str(fused))
+    proc = run_cli("--model", str(fused))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: TensorRT is not installed"), proc.stderr
@@ -102,7 +102,7 @@ def test_build_without_tensorrt_is_a_one_line_error(fused):
     (["--no-plugins", "--graph-only"], "cannot go with --no-plugins"),
 ])
 def test_bad_flags_are_one_line_errors(fused, args, message):
-    proc = run_cli("--onnx", str(fused), *args)
+    proc = run_cli("--model", str(fused), *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
@@ -111,9 +111,9 @@ def test_bad_flags_are_one_line_errors(fused, args, message):
 def test_plugins_need_the_fused_export(src, tmp_path):
     export_artifact(src, tmp_path / "decomposed", opset=18, verify=False, log=quiet)
     with pytest.raises(ModelError, match="fused export"):
-        main(["--onnx", str(tmp_path / "decomposed"), "--graph-only"])
+        main(["--model", str(tmp_path / "decomposed"), "--graph-only"])
     with pytest.raises(ModelError, match="no such artifact"):
-        main(["--onnx", str(tmp_path / "nowhere"), "--graph-only"])
+        main(["--model", str(tmp_path / "nowhere"), "--graph-only"])
 
 
 def test_profiles():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.generation import SamplingParams, generate
+from runtime.loop import SamplingParams, generate
 from runtime.scheduler import Scheduler
 from tests.test_runtime_scheduler import SCRIPT, run_script
 from tests.test_runtime_sliding_window import NEW_TOKENS, reference  # noqa: F401 - a fixture

@@ -17,7 +17,7 @@ import onnx
 import torch
 from onnx import helper
 
-from export.plugins.graph import ATTENTION_PLUGIN, GELU_PLUGIN, NAMESPACE, plugin_nodes
+from export.plugins.graph_pass import ATTENTION_PLUGIN, GELU_PLUGIN, NAMESPACE, plugin_nodes
 from export.plugins.reference import bias_gelu_reference, kv_attention_reference
 
 

@@ -1,5 +1,5 @@
 """Plain PyTorch statements of what each plugin computes: the kernels' test oracle and the
-implementation the CPU plugin-graph executor (export/plugins/graph.py) runs for plugin nodes.
+implementation the CPU plugin-graph executor (export/plugins/graph_pass.py) runs for plugin nodes.
 
 The masking rules are model.gpt's (attention_keep_mask): bottom-right causal, padded keys dropped,
 a query's own key always kept. Math is done in float32 and cast back to the input dtype.

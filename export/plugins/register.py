@@ -31,7 +31,7 @@ import tensorrt.plugin as trtp
 import torch
 
 from export.plugins import kernels
-from export.plugins.graph import ATTENTION_PLUGIN, GELU_PLUGIN, NAMESPACE
+from export.plugins.graph_pass import ATTENTION_PLUGIN, GELU_PLUGIN, NAMESPACE
 
 ATTENTION_ID = f"{NAMESPACE}::{ATTENTION_PLUGIN}"
 GELU_ID = f"{NAMESPACE}::{GELU_PLUGIN}"

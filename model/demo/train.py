@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from export.artifact import write_atomic
 from model.config import GPTConfig
 from model.errors import CliParser, ModelError, run_cli
+from model.files import write_atomic
 from model.gpt import GPT
 from model.load import DEMO_DIR, save_checkpoint
 from model.tokenizer import Tokenizer, char_tokenizer

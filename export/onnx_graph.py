@@ -1,7 +1,7 @@
 """Build the ONNX graph of a GPT with explicit KV cache straight from GPTConfig + weights.
 
 The graph is written node by node (no tracing): it is small, quick to build for any size,
-and its structure is exactly the contract documented in the README.
+and its structure is exactly the contract of model/artifact.py (names) and docs/onnx-contract.md.
 
 Per layer, the fused graph ("fused", opset >= 23) is
 
@@ -24,31 +24,18 @@ Non-parameter constants are named "const.*".
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export.quantize import EMBEDDING_BITS, Q_SUFFIX, SCALE_SUFFIX, QuantSpec, pack_int4, quantize_blocks
+from export.quantize import EMBEDDING_BITS, pack_int4, quantize_blocks
+from model.artifact import KV_KINDS, LOGITS, NP_DTYPES, Q_SUFFIX, SCALE_SUFFIX, ExportSpec, past_name, present_name
 from model.config import GPTConfig
 
-GraphKind = Literal["fused", "decomposed"]
-DTYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
-MIN_OPSET, MAX_OPSET = 17, 24  # 17: LayerNormalization; 20: Gelu; 23: Attention
-FUSED_MIN_OPSET = 23
-QUANT_MIN_OPSET = 21  # DequantizeLinear with block_size, INT4 tensors
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 INT64_MAX = np.iinfo(np.int64).max
-
-
-def io_names(config: GPTConfig) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(config.n_layer):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
 
 
 class _Builder:
@@ -94,21 +81,14 @@ class _Builder:
         return q_name, s_name
 
 
-def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph: GraphKind = "fused",
-                    dtype: str = "float32", opset: int = 23, all_logits: bool = False,
-                    quant: QuantSpec | None = None) -> onnx.ModelProto:
-    """state: the GPT state_dict (fp32). Returns the ONNX model (weights inline).
-    quant: weight-only quantization of every Linear and the lm_head (DequantizeLinear(block_size) -> MatMul,
-    export/quantize.py); the token embedding then becomes an int8 table (Gather -> DequantizeLinear)."""
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"opset {opset} is not supported (use {MIN_OPSET}..{MAX_OPSET})")
-    if graph == "fused" and opset < FUSED_MIN_OPSET:
-        raise ValueError(f"the fused graph needs opset >= {FUSED_MIN_OPSET} (ONNX Attention); got {opset}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    if quant is not None and opset < QUANT_MIN_OPSET:
-        raise ValueError(f"quantized graphs need opset >= {QUANT_MIN_OPSET} (DequantizeLinear block_size, INT4)")
-    onnx_dtype, np_dtype = DTYPES[dtype]
+def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: ExportSpec) -> onnx.ModelProto:
+    """state: the GPT state_dict (fp32). Returns the ONNX model (weights inline) that spec describes.
+    spec.quantize: weight-only quantization of every Linear and the lm_head (DequantizeLinear(block_size) ->
+    MatMul, export/quantize.py); the token embedding then becomes an int8 table (Gather -> DequantizeLinear)."""
+    spec.check_model(config)
+    graph, dtype, opset, all_logits = spec.graph, spec.dtype, spec.opset, spec.logits == "all"
+    quantized, bits, block = spec.quantize is not None, spec.quant_bits, spec.quant_block
+    onnx_dtype, np_dtype = ONNX_DTYPES[dtype], NP_DTYPES[dtype]
     c, H, D = config, config.n_head, config.head_dim
     b = _Builder()
     W = lambda name: b.weight(name, state[name], np_dtype)  # noqa: E731
@@ -116,7 +96,7 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
     # ---- shapes and the shared keep-mask [B, 1, S, P+S] (bottom-right causal, padding, own key)
     batch = b.op("Shape", ["input_ids"], start=0, end=1)
     seq = b.op("Shape", ["input_ids"], start=1, end=2)
-    past = b.op("Shape", ["past_key_values.0.key"], start=2, end=3)
+    past = b.op("Shape", [past_name(0, "key")], start=2, end=3)
     total = b.op("Add", [past, seq])
     zero, one = b.const("zero", np.array(0, np.int64)), b.const("one", np.array(1, np.int64))
     axis0 = b.const("axis0", np.array([0], np.int64))
@@ -134,18 +114,18 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
 
     def matmul_weight(x: str, name: str, weight: torch.Tensor) -> str:
         """x [M, in] @ weight.T (weight [out, in]); quantized: DequantizeLinear(q [in, out]) -> MatMul."""
-        q, scale = b.quantized(name, weight, quant.bits, quant.block, np_dtype, transpose=True)
-        return b.op("MatMul", [x, b.op("DequantizeLinear", [q, scale], axis=0, block_size=quant.block)])
+        q, scale = b.quantized(name, weight, bits, block, np_dtype, transpose=True)
+        return b.op("MatMul", [x, b.op("DequantizeLinear", [q, scale], axis=0, block_size=block)])
 
     def linear(x: str, prefix: str) -> str:
-        if quant is not None:
+        if quantized:
             y = matmul_weight(x, f"{prefix}.weight", state[f"{prefix}.weight"])
             return b.op("Add", [y, W(f"{prefix}.bias")]) if c.bias else y
         bias = [W(f"{prefix}.bias")] if c.bias else []
         return b.op("Gemm", [x, W(f"{prefix}.weight"), *bias], transB=1)
 
     def lm_head(h: str) -> str:
-        if quant is not None:  # its own copy of wte, quantized like a Linear (the embedding table is int8)
+        if quantized:  # its own copy of wte, quantized like a Linear (the embedding table is int8)
             return matmul_weight(h, "lm_head.weight", state["transformer.wte.weight"])
         return b.op("Gemm", [h, wte], transB=1)
 
@@ -182,14 +162,14 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
 
     # ---- embeddings -> residual stream x [B*S, C]
     wpe = W("transformer.wpe.weight")
-    if quant is None:
+    if not quantized:
         wte = W("transformer.wte.weight")
         tokens = b.op("Gather", [wte, "input_ids"])
     else:  # rows of the int8 table and their block scales -> [B, S, C]
         q, scale = b.quantized("transformer.wte.weight", state["transformer.wte.weight"], EMBEDDING_BITS,
-                               quant.block, np_dtype, transpose=False)
+                               block, np_dtype, transpose=False)
         tokens = b.op("DequantizeLinear", [b.op("Gather", [q, "input_ids"]), b.op("Gather", [scale, "input_ids"])],
-                      axis=2, block_size=quant.block)
+                      axis=2, block_size=block)
     emb = b.op("Add", [tokens, b.op("Gather", [wpe, "position_ids"])])
     x = b.op("Reshape", [emb, rows_shape])
     for i in range(c.n_layer):
@@ -197,8 +177,8 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
         qkv = linear(layer_norm(x, f"{p}.ln_1"), f"{p}.attn.c_attn")
         q, k, v = (b.op("Transpose", [b.op("Reshape", [t, heads_shape])], perm=[0, 2, 1, 3])
                    for t in b.op("Split", [qkv, split_sizes], n_out=3, axis=1))
-        k = b.op("Concat", [f"past_key_values.{i}.key", k], axis=2, out=[f"present.{i}.key"])
-        v = b.op("Concat", [f"past_key_values.{i}.value", v], axis=2, out=[f"present.{i}.value"])
+        k = b.op("Concat", [past_name(i, "key"), k], axis=2, out=[present_name(i, "key")])
+        v = b.op("Concat", [past_name(i, "value"), v], axis=2, out=[present_name(i, "value")])
         y = b.op("Reshape", [b.op("Transpose", [attention(q, k, v)], perm=[0, 2, 1, 3]), rows_shape])
         x = b.op("Add", [x, linear(y, f"{p}.attn.c_proj")])
         h = gelu(linear(layer_norm(x, f"{p}.ln_2"), f"{p}.mlp.c_fc"))
@@ -219,7 +199,7 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
         logits = b.op("Unsqueeze", [lm_head(h), b.const("axis1c", np.array([1], np.int64))])
     if dtype == "float16":
         logits = b.op("Cast", [logits], to=TensorProto.FLOAT)
-    b.nodes[-1].output[0] = "logits"  # the last node made the logits: give its output the contract name
+    b.nodes[-1].output[0] = LOGITS  # the last node made the logits: give its output the contract name
 
     # ---- interface
     kv_in = ["batch", H, "past", D]
@@ -227,12 +207,12 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], *, graph:
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT,
                                              ["batch", "seq" if all_logits else 1, c.vocab_size])]
     for i in range(c.n_layer):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", onnx_dtype, kv_in))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", onnx_dtype, kv_out))
+        for kind in KV_KINDS:
+            inputs.append(helper.make_tensor_value_info(past_name(i, kind), onnx_dtype, kv_in))
+            outputs.append(helper.make_tensor_value_info(present_name(i, kind), onnx_dtype, kv_out))
     g = helper.make_graph(b.nodes, f"gpt_{graph}", inputs, outputs, b.initializers,
                           doc_string="GPT-2 with explicit KV cache; total = past + seq")
     opsets = [helper.make_opsetid("", opset)]

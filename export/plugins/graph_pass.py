@@ -1,7 +1,7 @@
 """The plugin graph pass: rewrite the exported fused ONNX graph into the graph TensorRT parses with
 our plugins, and the contract of that graph.
 
-Per layer, the fused export (export/graph.py) has
+Per layer, the fused export (export/onnx_graph.py) has
 
     Concat(past_key_values.i.key, k) -> present.i.key     Concat(past_key_values.i.value, v) -> present.i.value
     Attention(q, present.i.key, present.i.value, attention_keep_mask) -> y
@@ -36,6 +36,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from model.artifact import cache_names
+
 NAMESPACE = "gptdeploy"
 ATTENTION_PLUGIN = "kv_attention"
 GELU_PLUGIN = "bias_gelu"
@@ -43,12 +45,6 @@ PLUGINS = (ATTENTION_PLUGIN, GELU_PLUGIN)
 OPTION_NAMES = {"attention": ATTENTION_PLUGIN, "gelu": GELU_PLUGIN}
 MASK_INT32 = "attention_mask_int32"
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-
-
-def cache_names(n_layer: int) -> tuple[list[str], list[str]]:
-    """(inputs, aliased outputs) of the static cache, in layer order, key before value."""
-    ins = [f"cache.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
-    return ins, [name.replace("cache.", "cache_out.", 1) for name in ins]
 
 
 class GraphPassError(ValueError):

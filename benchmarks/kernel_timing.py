@@ -1,6 +1,6 @@
 """Micro-benchmarks of the plugin kernels against PyTorch (GPU only).
 
-    python -m benchmarks.kernels [--dtype float16|float32] [--head-dim 64] [--n-head 12] [--json FILE]
+    python -m benchmarks.kernel_timing [--dtype float16|float32] [--head-dim 64] [--n-head 12] [--out FILE]
 
 - prefill: Triton kv_attention (cache write + flash attention) vs torch: cache slice assignment +
   F.scaled_dot_product_attention with the same boolean mask
@@ -12,8 +12,15 @@ Times are medians from triton.testing.do_bench (ms); correctness is in tests/tes
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from model.artifact import TORCH_DTYPES
 from model.errors import CliParser, ModelError, run_cli
+from model.files import write_atomic
+from model.gpt import attention_keep_mask
 
 
 def _attention_cases() -> list[tuple[str, int, int, int]]:
@@ -23,11 +30,7 @@ def _attention_cases() -> list[tuple[str, int, int, int]]:
 
 
 def _attention_pair(B: int, n_head: int, S: int, P: int, head_dim: int, dtype):
-    import torch
-    import torch.nn.functional as F
-
-    from export.plugins import kernels
-    from model.gpt import attention_keep_mask
+    from export.plugins import kernels  # imports triton (the tensorrt extra)
 
     dev = "cuda"
     M = max(1024, P + S)
@@ -49,13 +52,11 @@ def _attention_pair(B: int, n_head: int, S: int, P: int, head_dim: int, dtype):
 
 
 def bench(dtype_name: str, n_head: int, head_dim: int) -> list[dict]:
-    import torch
-    import torch.nn.functional as F
-    from triton.testing import do_bench
+    from triton.testing import do_bench  # the tensorrt extra
 
-    from export.plugins import kernels
+    from export.plugins import kernels  # imports triton
 
-    dtype = {"float16": torch.float16, "float32": torch.float32}[dtype_name]
+    dtype = TORCH_DTYPES[dtype_name]
     dev = "cuda"
     rows = []
     for phase, B, S, P in _attention_cases():
@@ -76,25 +77,22 @@ def bench(dtype_name: str, n_head: int, head_dim: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = CliParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--json", help="also write the rows to this file")
+    p = CliParser(prog="python -m benchmarks.kernel_timing", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="float16", choices=tuple(TORCH_DTYPES), help="(default: %(default)s)")
+    p.add_argument("--n-head", type=int, default=12, help="(default: %(default)s)")
+    p.add_argument("--head-dim", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--out", metavar="FILE", help="also write the rows to this JSON file")
     a = p.parse_args(argv)
-    import torch
-
     if not torch.cuda.is_available():
-        raise ModelError(f"benchmarks.kernels needs an NVIDIA GPU (torch {torch.__version__} sees none)")
+        raise ModelError(f"benchmarks.kernel_timing needs an NVIDIA GPU (torch {torch.__version__} sees none)")
     rows = bench(a.dtype, a.n_head, a.head_dim)
     print(f"{torch.cuda.get_device_name()}  {a.dtype}  n_head {a.n_head}  head_dim {a.head_dim}")
     for r in rows:
         shape = (f"B{r['batch']} S{r['seq']} P{r['past']}" if "batch" in r else f"{r['tokens']}x{r['width']}")
         print(f"{r['kernel']:<20} {shape:<18} triton {r['triton_ms'] * 1e3:9.1f} us   "
               f"torch {r['torch_ms'] * 1e3:9.1f} us   x{r['speedup']:.2f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    if a.out:
+        write_atomic(Path(a.out), json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1).encode())
     return 0
 
 

@@ -191,7 +191,7 @@ def window_inputs(sequences: Sequence[Sequence[int]], limit: int) -> tuple[torch
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-class StopWatcher:
+class StopStringScanner:
     """Per-row text state: finds stop strings and streams only text that cannot become one.
 
     Decoding is incremental: `stable` is the text of tokens[:n_stable], which ends on a whole
@@ -262,7 +262,7 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
     tokens: list[list[int]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
     running = [True] * batch
-    watchers = [StopWatcher(tok.decode, params.stop, i, on_text) for i in range(batch)]
+    watchers = [StopStringScanner(tok.decode, params.stop, i, on_text) for i in range(batch)]
     result = GenerationResult(prompts, tokens, [""] * batch, reasons, seed)
 
     def take(next_ids: torch.Tensor) -> None:
