@@ -35,6 +35,7 @@ from model.artifact import (
     PREFILL,
     PROFILE_NAMES,
     EngineManifest,
+    ExportSpec,
     engine_files,
     gpu_identity,
     read_artifact,
@@ -61,9 +62,30 @@ def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
     return names
 
 
+def refuse_quantized(artifact_dir: Path, spec: ExportSpec) -> None:
+    """TensorRT cannot build export/quantize.py's graphs; say so before any TensorRT work.
+
+    - INT8 with block scales: "Block dequantization is supported for input types DataType::kFP4,
+      DataType::kFP8 and DataType::kINT4" (NVIDIA/TensorRT include/NvInfer.h, class IDequantizeLayer).
+    - INT4 blocks: "The supported block sizes are {64, 128}" (TensorRT docs, inference-library/
+      quantized-types-schemes.html, INT4); onnx-tensorrt ignores DequantizeLinear's block_size and infers
+      the block from the scale shape (onnxOpImporters.cpp QuantDequantLinearHelper), so a wrong block
+      fails only in the builder.
+    - The embedding table is an INT8 Gather: Gather takes "FP32, FP16, BF16, INT32, INT64, BOOL"
+      (onnx-tensorrt docs/operators.md), and its DequantizeLinear would scale an activation with a
+      dynamic rank-3 scale ("Activations cannot be quantized per-channel", NvInfer.h IDequantizeLayer).
+    """
+    if spec.quantize is None:
+        return
+    raise ModelError(f"{artifact_dir}: this artifact is {spec.quantize}-quantized (block {spec.quant_block}), and "
+                     "TensorRT cannot build it (no INT8 block scales, no INT8 Gather, INT4 blocks only 64/128); "
+                     "export a float artifact for TensorRT")
+
+
 def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...], aot: bool = True) -> Path:
     """Rewrite the artifact's model.onnx into the plugin graph, written atomically beside it."""
     art = read_artifact(artifact_dir, verify=True)
+    refuse_quantized(artifact_dir, art.spec)
     if art.spec.graph != "fused":
         raise ModelError(f"{artifact_dir}: plugins need the fused export (this one is "
                          f"{art.spec.graph!r}; re-export with --opset 23, or pass --no-plugins)")
@@ -146,6 +168,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     """Build and write the plan + manifest; returns the manifest path."""
     artifact_dir = Path(artifact_dir)
     art = read_artifact(artifact_dir, verify=True)
+    refuse_quantized(artifact_dir, art.spec)
     limit = art.spec.max_seq_len
     max_seq_len = limit if max_seq_len is None else max_seq_len
     if not 2 <= max_seq_len <= limit:

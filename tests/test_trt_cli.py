@@ -116,6 +116,22 @@ def test_plugins_need_the_fused_export(src, tmp_path):
         main(["--model", str(tmp_path / "nowhere"), "--graph-only"])
 
 
+@pytest.mark.parametrize("quantize, block", [("int8", 32), ("int4", 64)])
+def test_quantized_artifact_is_refused_before_tensorrt(src, tmp_path, quantize, block):
+    """Review F1: TensorRT cannot build these graphs (int8 block scales, the int8 Gather; int4 only
+    block 64/128, and its embedding is the int8 Gather too). Both paths stop on the artifact's spec,
+    before the plugin graph pass and before looking for TensorRT."""
+    art = tmp_path / quantize
+    export_artifact(src, art, max_seq_len=48, quantize=quantize, quant_block=block, verify=False, log=quiet)
+    for args in (["--graph-only"], [], ["--no-plugins"]):
+        proc = run_cli("--model", str(art), *args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert f"{quantize}-quantized" in lines[0] and "TensorRT cannot build it" in lines[0], lines[0]
+    assert not (art / PLUGIN_GRAPH_FILE).exists() and not list(art.glob("trt_*"))
+
+
 def test_profiles():
     assert parse_plugins(None, False) == ("attention", "gelu") and parse_plugins(None, True) == ()
     H, D = CONFIG.n_head, CONFIG.head_dim
