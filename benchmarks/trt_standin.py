@@ -587,8 +587,9 @@ def with_attribute(node, name: str, value):
     return copy
 
 
-def attention_inputs(dtype: DataType, n_head: int, head_dim: int) -> list[Input]:
+def attention_inputs(dtype: DataType, n_head: int, head_dim: int | str) -> list[Input]:
     """q, k, v [batch, n_head, seq, head_dim], mask [batch, kv_len] int32, caches [batch, n_head, max_seq, head_dim]."""
+    # a str head_dim is a runtime dimension (-1 in desc.dims), to check that the plugin refuses it
     new = Input(dtype, ("batch", n_head, "seq", head_dim))
     cache = Input(dtype, ("batch", n_head, "max_seq", head_dim))
     return [new, new, new, Input(DataType.INT32, ("batch", "kv_len")), cache, cache]

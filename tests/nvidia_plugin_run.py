@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import sys
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +65,15 @@ def main() -> int:
             "aliased": build.aliased, "combinations": [list(c) for c in build.combinations],
             "tactics": {",".join(k): v for k, v in build.tactics.items()},
             "kernels": [kernel_record(k, cases) for k in build.kernels]}
+
+    # head_dim that the network leaves dynamic (-1 in desc.dims): NVIDIA's autotune call must fail loudly
+    dynamic = S.attention_inputs(S.DataType.HALF, H, "head_dim")
+    try:
+        S.build_plugin(attention, dynamic, {**profile, "head_dim": (D, D, D)})
+        out["dynamic_head_dim"] = {"error": None}
+    except ValueError as e:
+        frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
+        out["dynamic_head_dim"] = {"error": str(e), "frames": frames}
 
     # the grid limits at the largest engine export/trt.py allows
     L = LIMIT_SHAPES

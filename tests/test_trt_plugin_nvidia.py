@@ -52,6 +52,15 @@ def test_registration_runs_through_nvidia_code(qdp):
     assert "IPluginV3QuickRuntime" in qdp["gelu_jit"]["interfaces"]  # aot=0 -> the JIT plugin
 
 
+def test_dynamic_head_dim_fails_in_autotune(qdp):
+    """Review F4: a head_dim TensorRT leaves at -1 stops the build in NVIDIA's get_supported_format_combinations
+    -> our autotune, not silently picking the head_dim <= 64 tiles."""
+    got = qdp["dynamic_head_dim"]
+    assert (got["error"] or "").startswith("head_dim must be a build-time constant"), got
+    # raised inside NVIDIA's format-combination query by our autotune, before aot_impl could be reached
+    assert got["frames"][-3:-1] == ["get_supported_format_combinations", "kv_attention_autotune"], got["frames"]
+
+
 def test_autotune_combinations_cover_every_io(qdp):
     for dtype in ("HALF", "FLOAT"):
         att = qdp[f"attention_{dtype}"]

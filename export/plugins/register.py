@@ -41,9 +41,20 @@ DEFAULT_TACTIC = 0  # what TensorRT passes when a plugin advertises no custom ta
 
 
 def _constant(expr, what: str) -> int:
+    """A ShapeExpr's value, which must be known when the engine is built (aot_impl)."""
     if expr.is_fake or not expr.is_constant:
         raise ValueError(f"{what} must be a build-time constant")
     return expr.constant_value()
+
+
+def _static_dim(shape, index: int, what: str) -> int:
+    """A Shape's dim at autotune, which must be known when the engine is built: TensorRT's desc.dims
+    "has -1 in place of any runtime dimension" (NvInferRuntime.h DynamicPluginTensorDesc), and QDP's
+    Shape returns desc.dims as is (tensorrt/plugin/_tensor.py Shape.__getitem__)."""
+    value = int(shape[index])
+    if value < 0:
+        raise ValueError(f"{what} must be a build-time constant (the network gives the plugin -1 there)")
+    return value
 
 
 def _tactic(tactic: int, tiles: dict, what: str) -> int:
@@ -87,10 +98,11 @@ def kv_attention_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc
 def kv_attention_autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
                           attention_mask: trtp.TensorDesc, k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc,
                           outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:  # noqa: UP006
-    # head_dim is a static dim of the network, so it is known here; seq is not (it is -1: TensorRT's
-    # desc.dims has -1 for every runtime dimension, NvInferRuntime.h DynamicPluginTensorDesc), which is
-    # why prefill and decode share one kernel and the kernel picks its path from seq_len at run time.
-    head_dim = q.shape[3]
+    # head_dim must be a static dim of the network (it picks the tiles); seq is not (it is -1 here), which
+    # is why prefill and decode share one kernel and the kernel picks its path from seq_len at run time.
+    # No NVIDIA text promises that TensorRT folds q's Reshape(..., Concat(Shape(ids), [H, D])) to a
+    # constant D, so a -1 fails here as loudly as in aot_impl instead of picking the head_dim <= 64 tiles.
+    head_dim = _static_dim(q.shape, 3, "head_dim")
     combos = []
     for dtype, name in TYPE_NAMES.items():
         types = ", ".join([name] * 3 + ["INT32"] + [name] * 2 + [name] * 3)
