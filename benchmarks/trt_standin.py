@@ -7,7 +7,9 @@ compiled core `tensorrt_bindings/tensorrt.so`, which needs libnvinfer and a GPU 
 1. stands in for the compiled core only: the enums, plain structs and base classes NVIDIA's plugin
    code touches (DataType, PluginFieldType, TensorFormat, DimensionOperation, Dims, DimsExprs,
    PluginField(Collection), PluginTensorDesc, DynamicPluginTensorDesc, the IPluginV3* / creator
-   base classes, ISymExpr, the plugin registry, Logger) and IDimensionExpr / IExprBuilder, whose
+   base classes, ISymExpr, the plugin registry, Logger; and the builder calls export/trt.py makes
+   around the parser: Builder, IBuilderConfig, IOptimizationProfile, ITimingCache, with pyCore.cpp's
+   return-or-raise conventions) and IDimensionExpr / IExprBuilder, whose
    expressions here carry the symbol names of the runtime dimensions so that they can be evaluated
    for concrete shapes (TensorRT evaluates them inside the engine at every launch);
 2. loads NVIDIA's package from the wheel as `tensorrt.plugin` without running
@@ -300,6 +302,91 @@ class Logger:
         self.messages.append(message)
 
 
+# ---- the builder calls export/trt.py makes around the parser (python/src/infer/pyCore.cpp, NvInfer*.h)
+
+class IOptimizationProfile:
+    """set_shape as pyCore.cpp opt_profile_set_shape binds it: setDimensions for kMIN, kOPT, kMAX in turn, and a
+    RuntimeError "Shape provided for <min|opt|max> is inconsistent with other shapes." when one returns false.
+    setDimensions here detects what NvInferRuntime.h names (a rank unlike one set before for the same input, a
+    negative dim); min <= opt <= max is left to is_valid, as the header allows ("validated only partially")."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+
+    def _set_dimensions(self, name: str, which: str, dims: tuple[int, ...]) -> bool:
+        known = self.shapes.setdefault(name, {})
+        if any(d < 0 for d in dims) or any(len(v) != len(dims) for v in known.values()):
+            return False
+        known[which] = dims
+        return True
+
+    def set_shape(self, input: str, min, opt, max) -> None:  # noqa: A002 - pyCore.cpp's argument names
+        for which, dims in (("min", min), ("opt", opt), ("max", max)):
+            if not self._set_dimensions(input, which, tuple(int(d) for d in dims)):
+                raise RuntimeError(f"Shape provided for {which} is inconsistent with other shapes.")
+
+    def is_valid(self) -> bool:
+        """NvInferRuntime.h IOptimizationProfile::isValid: min, opt, max all set, same rank, min <= opt <= max."""
+        for known in self.shapes.values():
+            if set(known) != {"min", "opt", "max"}:
+                return False
+            if any(not a <= b <= c for a, b, c in zip(known["min"], known["opt"], known["max"], strict=True)):
+                return False
+        return True
+
+
+TIMING_CACHE_MAGIC = b"standin-timing-cache\0"
+
+
+class ITimingCache:
+    def __init__(self, entries: bytes = b"") -> None:
+        self.entries = entries
+
+    def serialize(self) -> bytes:
+        return TIMING_CACHE_MAGIC + self.entries
+
+
+class IBuilderConfig:
+    def __init__(self) -> None:
+        self.profiles: list[IOptimizationProfile] = []
+        self.timing_cache: ITimingCache | None = None
+
+    def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
+        """NvInfer.h: the profile's index, "or -1 if the input is not valid" (profile->isValid() == false)."""
+        if not profile.is_valid():
+            return -1
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, serialized_timing_cache) -> ITimingCache | None:
+        """pyCore.cpp netconfig_create_timing_cache returns createTimingCache's pointer: None for a null one.
+        Size 0 "means create a new cache from scratch" (NvInfer.h); a blob this stand-in did not write is
+        unreadable here (what the real core does with one is not documented)."""
+        blob = bytes(serialized_timing_cache)
+        if not blob:
+            return ITimingCache()
+        if not blob.startswith(TIMING_CACHE_MAGIC):
+            return None
+        return ITimingCache(blob[len(TIMING_CACHE_MAGIC):])
+
+    def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
+        if not isinstance(cache, ITimingCache):  # pybind11 on a reference argument given None
+            raise TypeError("set_timing_cache(): incompatible function arguments")
+        self.timing_cache = cache
+        return True
+
+
+class Builder:
+    def __init__(self, logger=None) -> None:
+        self.logger = logger
+
+    def create_optimization_profile(self) -> IOptimizationProfile:
+        return IOptimizationProfile()
+
+    def create_builder_config(self) -> IBuilderConfig:
+        return IBuilderConfig()
+
+
 def _core_module() -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__doc__ = "stand-in for the compiled TensorRT core (benchmarks/trt_standin.py); not TensorRT"
@@ -311,7 +398,8 @@ def _core_module() -> types.ModuleType:
                 TensorRTPhase, PluginArgType, PluginArgDataType, Dims, DimsExprs, PluginField,
                 PluginFieldCollection, PluginTensorDesc, DynamicPluginTensorDesc, IDimensionExpr, IExprBuilder,
                 ISymExpr, IPluginV3, IPluginV3QuickCore, IPluginV3QuickBuild, IPluginV3QuickAOTBuild,
-                IPluginV3QuickRuntime, IPluginCreatorV3Quick, ITensor, Logger):
+                IPluginV3QuickRuntime, IPluginCreatorV3Quick, ITensor, Logger, IOptimizationProfile, ITimingCache,
+                IBuilderConfig, Builder):
         setattr(trt, obj.__name__, obj)
     registry = _Registry()
     trt.get_plugin_registry = lambda: registry

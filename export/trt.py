@@ -213,13 +213,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
 
     shapes = profile_shapes(art.config, "attention" in plugins, max_batch, max_seq_len)
     input_names = {network.get_input(i).name for i in range(network.num_inputs)}
-    for phase_shapes in shapes:
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in phase_shapes.items():
-            if name not in input_names:
-                raise ModelError(f"{onnx_path.name} has no input {name!r} (inputs: {sorted(input_names)})")
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+    add_profiles(builder, config, shapes, input_names, onnx_path.name)
 
     log(f"[build] {variant} engine: max batch {max_batch}, max seq {max_seq_len}, TensorRT {trt.__version__}")
     plan = builder.build_serialized_network(network, config)
@@ -255,9 +249,36 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     return artifact_dir / manifest_name
 
 
+def add_profiles(builder: Any, config: Any, shapes: list[dict[str, list[tuple[int, ...]]]], input_names: set[str],
+                 onnx_name: str) -> None:
+    """Add the [prefill, decode] profiles to the builder config as profiles 0 and 1 (the runtime's indices)."""
+    for k, phase_shapes in enumerate(shapes):
+        where = f"optimization profile {k} ({PROFILE_NAMES[k]})"
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in phase_shapes.items():
+            if name not in input_names:
+                raise ModelError(f"{onnx_name} has no input {name!r} (inputs: {sorted(input_names)})")
+            try:  # pyCore.cpp opt_profile_set_shape: a false setDimensions raises RuntimeError, it returns nothing
+                profile.set_shape(name, lo, opt, hi)
+            except RuntimeError as e:
+                raise ModelError(f"{where}: input {name} min {lo} opt {opt} max {hi}: TensorRT: {e}") from None
+        # NvInfer.h IBuilderConfig::addOptimizationProfile: "the index of the optimization profile ... or -1 if
+        # the input is not valid" (pyCore.cpp binds it as is)
+        index = config.add_optimization_profile(profile)
+        if index < 0:
+            raise ModelError(f"{where}: TensorRT refused the profile as invalid (shapes: {phase_shapes})")
+        if index != k:
+            raise ModelError(f"{where}: TensorRT numbered it {index}; the runtime selects profiles by index")
+
+
 def use_timing_cache(config: Any, path: Path) -> Any:
     """Create the builder's timing cache from `path` (empty if absent) and set it; returns the cache."""
+    # pyCore.cpp netconfig_create_timing_cache returns IBuilderConfig::createTimingCache's pointer as is, and
+    # NvInfer.h does not promise one for a blob it cannot read: None must not reach set_timing_cache (TypeError)
     cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+    if cache is None:
+        raise ModelError(f"{path}: TensorRT cannot read this timing cache (not one, or damaged); "
+                         "delete the file to start a new one")
     # IBuilderConfig::setTimingCache reports a rejected cache by returning false (NvInfer.h), not by raising
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         raise ModelError(f"{path}: TensorRT refused this timing cache (another GPU or TensorRT version?); "

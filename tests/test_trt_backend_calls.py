@@ -147,6 +147,56 @@ def test_a_refused_timing_cache_is_an_error(tmp_path):
         use_timing_cache(Config(), tmp_path / "trt.cache")
 
 
+def _profiles_with(phase: int, name: str, shapes: list[tuple[int, ...]]):
+    from export.trt import profile_shapes
+
+    profiles = profile_shapes(GPTConfig.preset("tiny"), True, max_batch=4, max_seq_len=32)
+    profiles[phase][name] = shapes
+    return profiles
+
+
+def test_profiles_through_the_standin_builder():
+    from benchmarks.trt_standin import Builder
+    from export.trt import add_profiles, profile_shapes
+
+    builder = Builder()
+    config = builder.create_builder_config()
+    shapes = profile_shapes(GPTConfig.preset("tiny"), True, max_batch=4, max_seq_len=32)
+    add_profiles(builder, config, shapes, set(shapes[0]), "model.plugins.onnx")
+    assert [p.shapes["input_ids"]["max"] for p in config.profiles] == [(4, 32), (4, 1)]
+
+
+@pytest.mark.parametrize("phase, shapes, message", [
+    # a rank unlike the one set before: set_shape raises RuntimeError (pyCore.cpp opt_profile_set_shape)
+    (1, [(1, 1), (4, 1, 1), (4, 1)], r"optimization profile 1 \(decode\): input input_ids min \(1, 1\) .*"
+                                     r"TensorRT: Shape provided for opt is inconsistent with other shapes\.$"),
+    # min > max: accepted by set_shape, then add_optimization_profile returns -1 (NvInfer.h)
+    (0, [(4, 8), (4, 8), (1, 8)], r"optimization profile 0 \(prefill\): TensorRT refused the profile as invalid"),
+])
+def test_profile_errors_name_profile_and_input(phase, shapes, message):
+    from benchmarks.trt_standin import Builder
+    from export.trt import add_profiles
+
+    builder = Builder()
+    profiles = _profiles_with(phase, "input_ids", shapes)
+    with pytest.raises(ModelError, match=message) as e:
+        add_profiles(builder, builder.create_builder_config(), profiles, set(profiles[0]), "model.plugins.onnx")
+    assert "\n" not in str(e.value)
+
+
+def test_an_unreadable_timing_cache_is_an_error(tmp_path):
+    from benchmarks.trt_standin import IBuilderConfig
+    from export.trt import use_timing_cache
+
+    path = tmp_path / "trt.cache"
+    cache = use_timing_cache(IBuilderConfig(), path)  # no file: a new cache (size 0, NvInfer.h createTimingCache)
+    path.write_bytes(cache.serialize())
+    use_timing_cache(IBuilderConfig(), path)  # its own blob reads back
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(ModelError, match="cannot read this timing cache .*delete the file"):
+        use_timing_cache(IBuilderConfig(), path)
+
+
 def test_oversized_plugin_grid_is_refused_at_build_time():
     from export.trt import check_plugin_grids
 
