@@ -561,12 +561,14 @@ def node_attributes(node) -> dict[str, Any]:
 
 
 def build_plugin(node, inputs: list[Input], profile: dict[str, tuple[int, int, int]],
-                 type_filter: bool = True) -> PluginBuild:
+                 type_filter: bool = True, set_tactics: list[int] | None = None) -> PluginBuild:
     """Create and build one plugin node the way onnx-tensorrt and TensorRT's builder call a QDP plugin.
 
     node: the ONNX plugin node (op_type = plugin name; attributes plugin_namespace, aot, plugin fields).
     inputs: the node's inputs as the network declares them. profile: runtime dim -> (min, opt, max).
     type_filter: keep only the combinations whose input types are the network's (a strongly typed network).
+    set_tactics: pass these ids to setTactic instead of the advertised ones (a probe of the plugin's checks;
+    TensorRT itself sets only advertised ids, or 0 when none are advertised: NvInferRuntime.h setTactic).
     """
     import tensorrt as trt
 
@@ -628,7 +630,7 @@ def build_plugin(node, inputs: list[Input], profile: dict[str, tuple[int, int, i
         tactics[types_] = sorted(plugin.get_valid_tactics())
         if request != QuickPluginCreationRequest.STRICT_AOT:
             continue
-        for tactic in tactics[types_] or [0]:
+        for tactic in (tactics[types_] or [0]) if set_tactics is None else set_tactics:
             plugin.set_tactic(tactic)
             params, extra = _LaunchParams(), _SymExprs()
             plugin.get_launch_params(in_exprs, io, n_in, params, extra, builder)

@@ -75,6 +75,18 @@ def main() -> int:
         frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
         out["dynamic_head_dim"] = {"error": str(e), "frames": frames}
 
+    # ids TensorRT never gets from autotune: 0 (its default tactic) and ids outside or not advertised
+    out["bad_tactics"] = {}
+    probes = [("attention", attention, S.attention_inputs(S.DataType.FLOAT, H, D), profile, [0, 3, 7]),
+              ("gelu", gelu, S.gelu_inputs(S.DataType.FLOAT, 256), {"rows": (1, B * T, B * M)}, [0, 3])]
+    for kind, node, inputs, dims, ids in probes:
+        for tactic in ids:
+            try:
+                S.build_plugin(node, inputs, dims, set_tactics=[tactic])
+                out["bad_tactics"][f"{kind} {tactic}"] = None
+            except ValueError as e:
+                out["bad_tactics"][f"{kind} {tactic}"] = str(e)
+
     # the grid limits at the largest engine export/trt.py allows
     L = LIMIT_SHAPES
     big = S.build_plugin(attention, S.attention_inputs(S.DataType.HALF, L["n_head"], L["head_dim"]),
@@ -119,7 +131,7 @@ def jit_impl_approximate(R, S, plugin) -> str:
     R.torch = types.SimpleNamespace(cuda=types.SimpleNamespace(stream=lambda s: contextlib.nullcontext(),
                                                                ExternalStream=lambda s: s),
                                     as_tensor=lambda x, device: x)
-    R.kernels = types.SimpleNamespace(GELU_TACTICS=real_kernels.GELU_TACTICS,
+    R.kernels = types.SimpleNamespace(GELU_TACTICS=real_kernels.GELU_TACTICS, GeluTactic=real_kernels.GeluTactic,
                                       bias_gelu=lambda x, b, approximate, block, out: seen.append(approximate))
     try:
         desc = S.PluginTensorDesc(S.Dims((14, 256)), S.DataType.FLOAT)

@@ -25,6 +25,7 @@ K = interpreted_kernels()
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # tanh via exp
 
 TORCH_DTYPES = {"HALF": torch.float16, "FLOAT": torch.float32}
+ATTENTION_ID, GELU_ID = "gptdeploy::kv_attention", "gptdeploy::bias_gelu"
 ATTENTION_ATOL = {"HALF": 4e-3, "FLOAT": 1e-5}  # as tests/test_kernels_attention.py
 GELU_ATOL = {"HALF": 2e-3, "FLOAT": 2e-6}  # as tests/test_kernels_gelu.py
 
@@ -59,6 +60,18 @@ def test_dynamic_head_dim_fails_in_autotune(qdp):
     assert (got["error"] or "").startswith("head_dim must be a build-time constant"), got
     # raised inside NVIDIA's format-combination query by our autotune, before aot_impl could be reached
     assert got["frames"][-3:-1] == ["get_supported_format_combinations", "kv_attention_autotune"], got["frames"]
+
+
+def test_unknown_tactic_ids_fail(qdp):
+    """Issue 11 item 5: TensorRT's default tactic 0, an id outside the IntEnum and an id not advertised for this
+    dtype/head_dim (fp32 has no SMALL tile) each stop the build in aot_impl, as NVIDIA's QDP sample would
+    (its block_size_by_tactic[tactic] raises); before, 0 silently became tactic 1."""
+    bad = qdp["bad_tactics"]
+    assert bad["attention 0"].startswith(f"{ATTENTION_ID}: unknown tactic id 0 (ids: LARGE=1, MEDIUM=2, SMALL=3)")
+    assert bad["attention 7"].startswith(f"{ATTENTION_ID}: unknown tactic id 7")
+    assert bad["attention 3"] == f"{ATTENTION_ID}: tactic SMALL was never advertised here (advertised: LARGE, MEDIUM)"
+    assert bad["gelu 0"] == f"{GELU_ID}: unknown tactic id 0 (ids: BLOCK_1024=1, BLOCK_256=2)"
+    assert bad["gelu 3"].startswith(f"{GELU_ID}: unknown tactic id 3")
 
 
 def test_autotune_combinations_cover_every_io(qdp):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
 import triton
@@ -221,23 +222,43 @@ class AttentionTile:
 # are smaller because exact fp32 dots (input_precision="ieee") run on FMA units, not tensor cores.
 # One tactic = one tile for both paths: TensorRT may time a plugin per optimization profile, so the
 # decode profile can pick the tile whose decode path is fastest.
-_T = AttentionTile
-_ATTENTION_TILES = {  # (dtype, head_dim > 64) -> tactic id -> tile
-    (torch.float16, False): {1: _T(64, 64, 64, 4), 2: _T(32, 64, 128, 4), 3: _T(16, 32, 64, 2)},
-    (torch.float16, True): {1: _T(64, 32, 64, 4), 2: _T(32, 32, 64, 4), 3: _T(16, 32, 32, 2)},
-    (torch.float32, False): {1: _T(32, 32, 64, 4), 2: _T(16, 32, 128, 2)},
-    (torch.float32, True): {1: _T(16, 16, 32, 2)},
+class AttentionTactic(IntEnum):
+    """The attention plugin's tactic ids, one per tile size (the tiles per dtype and head_dim below).
+
+    TensorRT's rules (NvInferRuntime.h IPluginV3OneBuild::getValidTactics): ids are "unique and non-zero",
+    "0 is reserved for the default tactic", which setTactic passes only "if no custom tactics were
+    advertised" (IPluginV3OneRuntime::setTactic). These plugins always advertise theirs, so any other id,
+    0 included, is an error (register.py), as in NVIDIA's sample (samples/python/quickly_deployable_plugins/
+    qdp_defs.py enable_multi_tactic_aot_circ_pad: an IntEnum Tactic, block_size_by_tactic[tactic]).
+    """
+    LARGE = 1
+    MEDIUM = 2
+    SMALL = 3
+
+
+class GeluTactic(IntEnum):
+    """The bias+GELU plugin's tactic ids (same rules): columns per program."""
+    BLOCK_1024 = 1
+    BLOCK_256 = 2
+
+
+_T, _A = AttentionTile, AttentionTactic
+_ATTENTION_TILES = {  # (dtype, head_dim > 64) -> tactic -> tile
+    (torch.float16, False): {_A.LARGE: _T(64, 64, 64, 4), _A.MEDIUM: _T(32, 64, 128, 4), _A.SMALL: _T(16, 32, 64, 2)},
+    (torch.float16, True): {_A.LARGE: _T(64, 32, 64, 4), _A.MEDIUM: _T(32, 32, 64, 4), _A.SMALL: _T(16, 32, 32, 2)},
+    (torch.float32, False): {_A.LARGE: _T(32, 32, 64, 4), _A.MEDIUM: _T(16, 32, 128, 2)},
+    (torch.float32, True): {_A.LARGE: _T(16, 16, 32, 2)},
 }
 SHARED_MEMORY_LIMIT = 48 * 1024
 GRID_Y_LIMIT = 65535  # CUDA's limit on grid y and z; grid x allows 2**31 - 1
 GRID_X_LIMIT = 2**31 - 1
 
 
-def attention_tactics(dtype: torch.dtype, head_dim: int) -> dict[int, AttentionTile]:
+def attention_tactics(dtype: torch.dtype, head_dim: int) -> dict[AttentionTactic, AttentionTile]:
     return _ATTENTION_TILES[(dtype, head_dim > 64)]
 
 
-GELU_TACTICS = {1: 1024, 2: 256}  # columns per program
+GELU_TACTICS = {GeluTactic.BLOCK_1024: 1024, GeluTactic.BLOCK_256: 256}  # columns per program
 GELU_NUM_WARPS = 4
 
 
@@ -281,7 +302,7 @@ def kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_ma
     seq == 1 runs the kernel's decode path, longer steps its prefill path."""
     B, H, S, D, L, M = _check_attention(q, k, v, attention_mask, k_cache, v_cache)
     out = torch.empty_like(q) if out is None else out
-    tile = tile or attention_tactics(q.dtype, D)[1]
+    tile = tile or attention_tactics(q.dtype, D)[AttentionTactic.LARGE]
     kv_attention_kernel[attention_grid(B, H, S, tile)](
         q, k, v, attention_mask, k_cache, v_cache, H, S, L, M, out, k_cache, v_cache,
         **attention_constexprs(D, tile), num_warps=tile.num_warps)
@@ -310,7 +331,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh", bl
         raise ValueError("bias_gelu needs a contiguous x")
     y = torch.empty_like(x) if out is None else out
     n_rows = x.numel() // n_cols
-    block = block or min(GELU_TACTICS[1], triton.next_power_of_2(n_cols))
+    block = block or min(GELU_TACTICS[GeluTactic.BLOCK_1024], triton.next_power_of_2(n_cols))
     if n_rows:
         bias_gelu_kernel[gelu_grid(n_rows, n_cols, block)](
             x, bias, n_cols, y, APPROX_TANH=approximate == "tanh", BLOCK=block, num_warps=GELU_NUM_WARPS)

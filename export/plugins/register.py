@@ -24,6 +24,7 @@ pointers Triton appends to every kernel are dropped from the PTX (kernels.ptx_fo
 """
 
 import functools
+from enum import IntEnum
 from typing import List, Tuple, Union  # noqa: UP035 - the forms tensorrt.plugin's docs and sample use
 
 import tensorrt as trt
@@ -37,7 +38,6 @@ ATTENTION_ID = f"{NAMESPACE}::{ATTENTION_PLUGIN}"
 GELU_ID = f"{NAMESPACE}::{GELU_PLUGIN}"
 TORCH_DTYPES = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
 TYPE_NAMES = {torch.float32: "FP32", torch.float16: "FP16"}
-DEFAULT_TACTIC = 0  # what TensorRT passes when a plugin advertises no custom tactic
 
 
 def _constant(expr, what: str) -> int:
@@ -57,12 +57,25 @@ def _static_dim(shape, index: int, what: str) -> int:
     return value
 
 
-def _tactic(tactic: int, tiles: dict, what: str) -> int:
-    if tactic == DEFAULT_TACTIC:
-        return 1
-    if tactic not in tiles:
-        raise ValueError(f"{what}: tactic {tactic} was never advertised (tactics: {sorted(tiles)})")
-    return tactic
+def _tactic(tactic: int, ids: type[IntEnum], advertised: dict, what: str) -> IntEnum:
+    """The tactic TensorRT chose, as one of the ids autotune advertised; anything else is an error.
+
+    Never 0 for these plugins: setTactic passes TensorRT's default tactic 0 only "if no custom tactics
+    were advertised" (NvInferRuntime.h IPluginV3OneRuntime::setTactic), and they always advertise theirs.
+    """
+    try:
+        chosen = ids(tactic)
+    except ValueError:
+        raise ValueError(f"{what}: unknown tactic id {tactic} (ids: {', '.join(f'{t.name}={int(t)}' for t in ids)})"
+                         ) from None
+    if chosen not in advertised:
+        raise ValueError(f"{what}: tactic {chosen.name} was never advertised here "
+                         f"(advertised: {', '.join(t.name for t in advertised)})")
+    return chosen
+
+
+def _tactic_ids(advertised: dict) -> list[int]:
+    return [int(t) for t in advertised]  # plain ints, as NVIDIA's sample passes them (int(Tactic.X))
 
 
 def string_attributes(fn):
@@ -106,7 +119,8 @@ def kv_attention_autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.Tensor
     combos = []
     for dtype, name in TYPE_NAMES.items():
         types = ", ".join([name] * 3 + ["INT32"] + [name] * 2 + [name] * 3)
-        combos.append(trtp.AutoTuneCombination(types, "LINEAR", list(kernels.attention_tactics(dtype, head_dim))))
+        tactics = _tactic_ids(kernels.attention_tactics(dtype, head_dim))
+        combos.append(trtp.AutoTuneCombination(types, "LINEAR", tactics))
     return combos
 
 
@@ -118,7 +132,7 @@ def kv_attention_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
     dtype = TORCH_DTYPES[q.dtype]
     head_dim = _constant(q.shape_expr[3], "head_dim")
     tiles = kernels.attention_tactics(dtype, head_dim)
-    tactic = _tactic(tactic, tiles, ATTENTION_ID)
+    tactic = _tactic(tactic, kernels.AttentionTactic, tiles, ATTENTION_ID)
     batch, n_head, seq = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
     kv_len, max_seq = attention_mask.shape_expr[1], k_cache.shape_expr[2]
     compiled = kernels.compile_kernel("attention", dtype, head_dim=head_dim, tactic=tactic)
@@ -140,7 +154,7 @@ def kv_attention_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
         t = [torch.as_tensor(x, device="cuda") for x in (q, k, v, attention_mask, k_cache, v_cache)]
         tiles = kernels.attention_tactics(t[0].dtype, t[0].shape[3])
-        kernels.kv_attention(*t, tile=tiles[_tactic(tactic, tiles, ATTENTION_ID)],
+        kernels.kv_attention(*t, tile=tiles[_tactic(tactic, kernels.AttentionTactic, tiles, ATTENTION_ID)],
                              out=torch.as_tensor(outputs[0], device="cuda"))
 
 
@@ -156,7 +170,7 @@ def bias_gelu_desc(x: trtp.TensorDesc, bias: trtp.TensorDesc, approximate: str) 
 @trtp.autotune(GELU_ID)
 def bias_gelu_autotune(x: trtp.TensorDesc, bias: trtp.TensorDesc,
                        outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:  # noqa: UP006
-    return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16", "LINEAR", list(kernels.GELU_TACTICS))]
+    return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16", "LINEAR", _tactic_ids(kernels.GELU_TACTICS))]
 
 
 @trtp.aot_impl(GELU_ID)
@@ -165,7 +179,7 @@ def bias_gelu_aot(x: trtp.TensorDesc, bias: trtp.TensorDesc, approximate: str, o
                   tactic: int
                   ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:  # noqa: UP006,UP007
     dtype = TORCH_DTYPES[x.dtype]
-    tactic = _tactic(tactic, kernels.GELU_TACTICS, GELU_ID)
+    tactic = _tactic(tactic, kernels.GeluTactic, kernels.GELU_TACTICS, GELU_ID)
     compiled = kernels.compile_kernel("gelu", dtype, tactic=tactic, approximate=approximate)
     n_cols = bias.shape_expr[0]
     launch = trtp.KernelLaunchParams()
@@ -183,6 +197,6 @@ def bias_gelu_aot(x: trtp.TensorDesc, bias: trtp.TensorDesc, approximate: str, o
 def bias_gelu_impl(x: trtp.Tensor, bias: trtp.Tensor, approximate: str, outputs: Tuple[trtp.Tensor],  # noqa: UP006
                    stream: int, tactic: int) -> None:
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        block = kernels.GELU_TACTICS[_tactic(tactic, kernels.GELU_TACTICS, GELU_ID)]
+        block = kernels.GELU_TACTICS[_tactic(tactic, kernels.GeluTactic, kernels.GELU_TACTICS, GELU_ID)]
         kernels.bias_gelu(torch.as_tensor(x, device="cuda"), torch.as_tensor(bias, device="cuda"), approximate,
                           block=block, out=torch.as_tensor(outputs[0], device="cuda"))
