@@ -82,7 +82,7 @@ def refuse_quantized(artifact_dir: Path, spec: ExportSpec) -> None:
                      "export a float artifact for TensorRT")
 
 
-def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...], aot: bool = True) -> Path:
+def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...]) -> Path:
     """Rewrite the artifact's model.onnx into the plugin graph, written atomically beside it."""
     art = read_artifact(artifact_dir, verify=True)
     refuse_quantized(artifact_dir, art.spec)
@@ -91,7 +91,7 @@ def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...], aot: bool =
                          f"{art.spec.graph!r}; re-export with --opset 23, or pass --no-plugins)")
     model = onnx.load(str(artifact_dir / MODEL_FILE), load_external_data=True)
     try:
-        plugin_graph = to_plugin_graph(model, plugins, aot=aot)
+        plugin_graph = to_plugin_graph(model, plugins)  # aot=1 on every plugin node: graph_pass.AOT
     except GraphPassError as e:
         raise ModelError(f"{artifact_dir / MODEL_FILE}: {e}") from None
     del model

@@ -15,6 +15,7 @@ import torch
 
 from export.onnx import export_artifact
 from export.plugins.executor import PluginGraphExecutor
+from export.plugins.graph_pass import plugin_nodes
 from export.trt import main, parse_plugins, profile_shapes
 from model.artifact import PLUGIN_GRAPH_FILE, cache_names, read_artifact
 from model.config import GPTConfig
@@ -67,6 +68,8 @@ def test_graph_only_writes_the_plugin_graph(fused, model):
     onnx.checker.check_model(pg, full_check=True)
     ops = Counter(n.op_type for n in pg.graph.node)
     assert ops["kv_attention"] == CONFIG.n_layer and ops["bias_gelu"] == CONFIG.n_layer
+    # the file the builder parses asks for the AOT kernels on every plugin node (review F8: shipped engines are aot=1)
+    assert {onnx.helper.get_attribute_value(a) for n in plugin_nodes(pg) for a in n.attribute if a.name == "aot"} == {1}
     # and it runs: prefill of a padded batch through the file the builder would parse
     ex = PluginGraphExecutor(pg)
     ids = torch.randint(0, 90, (2, 7))

@@ -5,7 +5,7 @@ to give PyTorch's logits without TensorRT.
 The graph is cut at the plugin nodes into segments; each segment is a plain ONNX model (its inputs:
 graph inputs and earlier plugin outputs; its outputs: what the next plugin node reads) run by its
 own InferenceSession. The caches are numpy views of torch tensors, so the attention reference's
-in-place write is the same in-place update TensorRT performs through aliased plugin I/O.
+in-place write is the in-place update that aliased plugin I/O asks TensorRT for.
 """
 
 from __future__ import annotations

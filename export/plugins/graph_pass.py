@@ -20,10 +20,15 @@ Plugin graph I/O (replaces past/present):
            cache.{i}.* (TensorRT: plugin outputs aliased to inputs; bind both names to one address).
 The attention plugin writes this step's keys/values at positions past..past+seq-1 (past =
 attention_mask length - seq) and attends over 0..past+seq-1: the cache is static and updated in
-place, and the positions come from the attention_mask length, so no past/present copies exist.
+place, and the positions come from the attention_mask length, so the graph has no past/present Concat.
+Whether TensorRT itself copies cache.* to cache_out.* at the network boundary is not documented:
+"TensorRT may insert copies to facilitate this capability" (NvInferRuntime.h
+IPluginV3OneBuild::getAliasedInput), and engine-level input/output aliasing is documented only for
+IKVCacheUpdateLayer (ICudaEngine::getAliasedInputTensor). benchmarks/gpu_check.py's tensorrt section
+looks for such copies (engine inspector, decode time at two cache lengths).
 
 Plugin nodes follow the ONNX parser's plugin convention: op_type = plugin name, attribute
-plugin_namespace, attribute aot = 1 to select the @trtp.aot_impl kernels. Their names are not ONNX
+plugin_namespace, attribute aot = 1 to select the @trtp.aot_impl kernels (always 1: see AOT). Their names are not ONNX
 op names (a built-in importer would win), and they live in their own ONNX domain so that
 onnx.checker and ONNX Runtime accept the graph.
 """
@@ -51,8 +56,17 @@ class GraphPassError(ValueError):
     """The input is not the fused graph this pass knows (see the module docstring)."""
 
 
-def to_plugin_graph(model: onnx.ModelProto, plugins: tuple[str, ...] = ("attention", "gelu"),
-                    aot: bool = True) -> onnx.ModelProto:
+# Every plugin node, hence every engine export.trt builds, is AOT: onnx-tensorrt maps aot=1 to kSTRICT_AOT
+# (importerUtils.cpp createPlugin), and the kernels are then embedded in the plan and need no Python at run
+# time (samples/python/quickly_deployable_plugins/README.md, running an engine with an AOT plugin). With
+# aot=0 (kSTRICT_JIT) the engine would call register.py's @trtp.impl through Python at every launch, and
+# which creation request TensorRT passes when it re-creates a plugin at deserialization is not documented
+# (QDP's create_plugin refuses UNKNOWN when both implementations exist: tensorrt/plugin/_lib.py). The JIT
+# path is only exercised by tests (tests/nvidia_plugin_run.py sets aot=0 on a copy of a node).
+AOT = 1
+
+
+def to_plugin_graph(model: onnx.ModelProto, plugins: tuple[str, ...] = ("attention", "gelu")) -> onnx.ModelProto:
     """Return the plugin graph (a new ModelProto) of a fused export; plugins: "attention", "gelu".
 
     Without "attention" the KV concat + Attention stay (past/present I/O); without "gelu", Gelu stays.
@@ -70,7 +84,7 @@ def to_plugin_graph(model: onnx.ModelProto, plugins: tuple[str, ...] = ("attenti
             consumers.setdefault(i, []).append(n)
     inits = {t.name: t for t in g.initializer}
     replace: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to put in its place (empty = drop)
-    plugin_attrs = {"plugin_namespace": NAMESPACE, "aot": int(aot)}
+    plugin_attrs = {"plugin_namespace": NAMESPACE, "aot": AOT}
 
     if "attention" in plugins:
         attention_nodes = [n for n in g.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]

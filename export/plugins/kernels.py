@@ -400,9 +400,12 @@ def ptx_for_tensorrt(ptx: str, kind: str) -> str:
     """The PTX with exactly TensorRT's AOT arguments (inputs, int32 scalars, outputs).
 
     Triton 3.x appends two pointer parameters (global and profile scratch) to every kernel; ours use
-    neither (scratch size 0, never loaded), and TensorRT launches with only the arguments it knows.
-    Dropping the unused declarations makes the launch match the kernel whatever TensorRT passes
-    after them. Raises if a dropped parameter is referenced.
+    neither (scratch size 0, never loaded). TensorRT's AOT launch is not documented to pass them: the
+    only statement of its argument list is the aot_impl docstring (tensorrt/plugin/_lib.py: extra_args
+    "located after the tensor inputs and before the tensor outputs"), and NVIDIA's own AOT sample hands
+    TensorRT Triton's PTX unchanged (samples/python/quickly_deployable_plugins/qdp_defs.py, Triton 3.5).
+    Dropping the unused trailing declarations is safe whatever TensorRT passes after the outputs.
+    Raises if a dropped parameter is referenced.
     """
     entry = re.search(r"\.entry (\w+)\(\s*(.*?)\s*\)", ptx, re.S)
     if entry is None:

@@ -11,7 +11,8 @@ before parsing or deserializing). Importing it registers, for each plugin:
   build GPU, its launch grid and its int32 scalars as symbolic shape expressions; the kernel is
   embedded in the engine, so running the engine needs neither Python nor Triton. Selected by the ONNX
   node attribute aot=1 (onnx-tensorrt importerUtils.cpp createPlugin: aot=1 -> kSTRICT_AOT).
-- @trtp.impl: the same kernels launched from PyTorch (a Python callback at run time), for aot=0 nodes.
+- @trtp.impl: the same kernels launched from PyTorch (a Python callback at run time), for aot=0 nodes;
+  export.trt never writes those (graph_pass.AOT), so this path is exercised by tests only.
 
 No `from __future__ import annotations` here, ever: tensorrt.plugin's validator reads the
 annotations with inspect.signature and tests them with inspect.isclass/issubclass
