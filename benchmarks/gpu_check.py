@@ -20,7 +20,15 @@ section so that a run cut short still leaves a report. Sections:
    stand-in benchmarks/qdp_minimal.py (checked against NVIDIA's package in CI) drives register.py;
 4. torch_backend: the torch backend on CUDA in fp32 and fp16, greedy tokens against the CPU fp32
    reference on the bundled demo model, and decode tokens/s (demo model, and GPT-2 124M shapes);
-5. tensorrt: engine build + parity + tokens/s where TensorRT is importable, else skipped with why.
+5. torch_fp16_profile: GPT-2 124M batch-1 decode steps in fp32 then fp16 (wall time per step), and
+   torch.profiler's top-10 ops of one fp16 step by self CUDA and self CPU time (the first run measured
+   fp16 b1 at 18.5 tok/s against fp32's 295: is it the step or the loop, and which op);
+6. tensorrt: engine build + parity + tokens/s where TensorRT is importable, else skipped with why;
+7. tensorrt_aliasing (review F3, skipped without TensorRT): plugin engines at max_seq 128 and 1024 built
+   with DETAILED profiling verbosity; the engine inspector's layers on cache.*/cache_out.* (Copy/Reformat
+   flagged; the JSON is written beside the report), get_aliased_input_tensor("cache_out.0.key"), one decode
+   step timed at both max_seq with the same past, and the cache after prefill against PyTorch's K/V with a
+   sentinel beyond.
 
 A failing section is recorded with its traceback and the run goes on; the exit status is 1 if any
 section failed. Without a GPU it prints the plan and exits 0.
@@ -34,6 +42,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -301,7 +310,9 @@ def section_torch_backend(ctx: dict) -> dict:
     # decode speed at GPT-2 124M shapes (random weights: speed only)
     torch.manual_seed(0)
     gpt2 = GPT(GPTConfig.preset(ctx.get("speed_preset", "gpt2"))).eval()
-    for dtype_name, dtype in (("float16", torch.float16), ("float32", torch.float32)):
+    # fp32 first: the first run (2026-11-26, H100) measured fp16 b1 at 18.5 tok/s against fp32's 295 with
+    # fp16 first; this order tells a first-run effect from an fp16 one (torch_fp16_profile looks inside)
+    for dtype_name, dtype in (("float32", torch.float32), ("float16", torch.float16)):
         backend = TorchBackend(gpt2.to(dtype), tok_for(gpt2), device)
         for batch in (1, 16):
             ids = [[1 + i, 2, 3, 4, 5, 6, 7, 8] for i in range(batch)]
@@ -316,6 +327,74 @@ def section_torch_backend(ctx: dict) -> dict:
     return {"summary": "parity within bounds (fp32 greedy identical to the CPU reference); " + ", ".join(
         f"{r['model'].split()[0]} {r['dtype']} b{r['batch']}: {r['decode_tokens_per_s']:.0f} tok/s" for r in rows),
         "rows": rows}
+
+
+def section_torch_fp16_profile(ctx: dict) -> dict:
+    """GPT-2 124M decode steps (batch 1, random weights) through the torch backend: wall time per step
+    in fp32 and fp16, and torch.profiler's top-10 ops of one fp16 step by self CUDA and by self CPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.config import GPTConfig
+    from model.gpt import GPT
+    from runtime.torch_backend import TorchBackend
+
+    device, prompt, steps = ctx.get("device", "cuda"), 8, 16
+    on_gpu = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)  # CPU: the test's smoke run
+    torch.manual_seed(0)
+    gpt2 = GPT(GPTConfig.preset(ctx.get("speed_preset", "gpt2"))).eval()
+    step_rows, tables = [], {}
+    for dtype_name, dtype in (("float32", torch.float32), ("float16", torch.float16)):
+        backend = TorchBackend(gpt2.to(dtype), tok_for(gpt2), device)
+        backend.reset(1, prompt + steps + 2)
+        ids = torch.arange(1, prompt + 1, device=device)[None]
+        backend.prefill(ids, torch.ones_like(ids), torch.arange(prompt, device=device)[None])
+        times = []
+        for n in range(prompt, prompt + steps):
+            sync()
+            t0 = time.perf_counter()
+            _decode_step(backend, n, device)
+            sync()
+            times.append(time.perf_counter() - t0)
+        first, times = times[0], sorted(times)
+        step_rows.append({"dtype": dtype_name, "steps": steps, "median_step_ms": 1e3 * times[len(times) // 2],
+                          "first_step_ms": 1e3 * first, "min_step_ms": 1e3 * times[0]})
+        if dtype_name == "float16":
+            with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
+                _decode_step(backend, prompt + steps, device)
+                sync()
+            events = prof.key_averages()
+            for by in ("cuda", "cpu"):
+                ranked = sorted(events, key=lambda e: -_self_time(e, by))[:10]
+                tables[f"fp16_step_top10_self_{by}_rows"] = [
+                    {"op": e.key[:60], "calls": e.count, "self_cuda_us": _self_time(e, "cuda"),
+                     "self_cpu_us": _self_time(e, "cpu"), "cpu_total_us": getattr(e, "cpu_time_total", 0.0)}
+                    for e in ranked]
+        del backend
+    f32, f16 = (r["median_step_ms"] for r in step_rows)
+    preset = ctx.get("speed_preset", "gpt2")
+    return {"summary": f"{preset} (random weights) b1 decode step, median of {steps}: fp32 {f32:.2f} ms, "
+                       f"fp16 {f16:.2f} ms (fp16/fp32 {f16 / f32:.2f}); fp16 top-10 ops by self CUDA, CPU time below",
+            "rows": step_rows, **tables}
+
+
+def _decode_step(backend, n: int, device) -> None:
+    """One batch-1 decode step after n cached positions (the Backend protocol's decode_one_token)."""
+    import torch
+
+    ids, position = torch.full((1, 1), 5, device=device), torch.full((1, 1), n, device=device)
+    backend.decode_one_token(ids, torch.ones(1, n + 1, device=device, dtype=torch.int64), position)
+
+
+def _self_time(event, by: str) -> float:
+    """Self time in us of a profiler row (torch >= 2.4 names the device time self_device_time_total)."""
+    if by == "cpu":
+        return float(getattr(event, "self_cpu_time_total", 0.0))
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
 
 
 def tok_for(model):
@@ -363,13 +442,200 @@ def section_tensorrt(ctx: dict) -> dict:
     return {"summary": f"{len(rows)} engines within bounds", "rows": rows}
 
 
+ALIASING_CONFIG = dict(n_layer=2, vocab_size=512)  # on the gpt2 preset: GPT-2's heads and head_dim, block 1024
+ALIASING_BATCH, ALIASING_PAST, ALIASING_STEPS = 32, 64, 50
+CACHE_SENTINEL = 12345.0
+CACHE_TENSOR = re.compile(r"cache(?:_out)?\.\d+\.(?:key|value)")
+
+
+def section_tensorrt_aliasing(ctx: dict) -> dict:
+    """Review F3: does TensorRT copy the aliased KV cache at the network boundary?
+
+    TensorRT documents plugin I/O aliasing with "TensorRT may insert copies to facilitate this capability"
+    (NvInferRuntime.h IPluginV3OneBuild::getAliasedInput) and documents engine-level input/output aliasing only
+    for IKVCacheUpdateLayer (ICudaEngine::getAliasedInputTensor). So, for plugin engines of a 2-layer model
+    with GPT-2's heads (fp32), built with max_seq 128 and 1024 and DETAILED profiling verbosity:
+    - the engine inspector's JSON (NvInferRuntime.h IEngineInspector::getEngineInformation, kJSON), every layer
+      that reads or writes cache.* / cache_out.*, flagged when it is a Copy/Reformat layer; the full JSON is
+      written beside the report;
+    - engine.get_aliased_input_tensor("cache_out.0.key") where the binding has it (release/10.15 and later);
+    - one decode step at the same past, timed over ALIASING_STEPS repeats with CUDA events, at both max_seq:
+      the plugin reads only past + 1 positions, so time that grows with max_seq means cache copies;
+    - after prefill: cache[:, :, :past] against PyTorch's K/V, and the sentinel kept at every later position.
+    The engines are driven here with TensorRT's own API (one context per profile, the cache bound to cache.*
+    and cache_out.* alike, as runtime/trt_backend.py binds it), not through the runtime.
+    """
+    if importlib.util.find_spec("tensorrt") is None:
+        return {"status": "skipped", "summary": "TensorRT is not installed on this machine"}
+    import tempfile
+
+    import tensorrt as trt
+    import torch
+
+    import export.plugins.register  # noqa: F401 - the plugin creators, before deserializing
+    from export.onnx import export_artifact
+    from export.trt import build_engine
+    from model.artifact import engine_files
+    from model.config import GPTConfig
+    from model.gpt import GPT
+    from model.load import save_checkpoint
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("gpt2", **ALIASING_CONFIG)).eval()
+    c = model.config
+    B, P = ALIASING_BATCH, ALIASING_PAST
+    ids = torch.randint(0, c.vocab_size, (B, P))
+    mask = torch.ones(B, P, dtype=torch.int64)
+    mask[0, :5] = 0  # one left-padded row
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        ref_logits, presents = model(ids, attention_mask=mask, position_ids=pos, last_logits_only=True)
+    rows, layer_rows, problems = [], [], []
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, art = Path(tmp) / "src", Path(tmp) / "art"
+        save_checkpoint(model, tok_for(model), src)
+        export_artifact(src, art, max_seq_len=c.block_size, verify=False, log=lambda s: None)
+        for M in (128, c.block_size):
+            build_engine(art, ("attention", "gelu"), max_batch=B, max_seq_len=M, detailed_profile=True, log=log)
+            plan = (art / engine_files("plugins")[0]).read_bytes()
+            engine = runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise RuntimeError(f"max_seq {M}: TensorRT could not deserialize the engine it built")
+            row: dict[str, Any] = {"max_seq": M}
+            info = _inspector_json(trt, engine)
+            if ctx.get("out") is not None and info is not None:
+                (Path(ctx["out"]) / f"engine_inspector_max_seq{M}.json").write_text(json.dumps(info, indent=1))
+            touching = _cache_layers(info)
+            for r in touching:
+                layer_rows.append({"max_seq": M, **r})
+            row["layers_on_cache"] = len(touching)
+            row["copy_or_reformat_on_cache"] = sum(r["copy_or_reformat"] for r in touching)
+            aliased = getattr(engine, "get_aliased_input_tensor", None)
+            row["aliased_input(cache_out.0.key)"] = (repr(aliased("cache_out.0.key")) if aliased is not None
+                                                     else "no get_aliased_input_tensor in this TensorRT")
+            try:  # an engine TensorRT built but cannot run with one address for cache.* and cache_out.* is a finding
+                row.update(_drive_engine(trt, engine, c, M, ids, mask, pos, ref_logits, presents))
+            except Exception as e:
+                row["run_error"] = f"{type(e).__name__}: {e}"[:300]
+                problems.append(f"max_seq {M}: {row['run_error']}")
+            else:
+                if (row["kv_max_abs_err"] > 1e-4 or not row["sentinel_intact"]
+                        or row["prefill_logits_max_abs_diff"] > 1e-4):
+                    problems.append(f"max_seq {M}: {row}")
+            rows.append(row)
+            del engine
+    copies = sum(r["copy_or_reformat_on_cache"] for r in rows)
+    summary = (f"{copies} Copy/Reformat layers on cache tensors; aliased input of cache_out.0.key: "
+               f"{rows[-1]['aliased_input(cache_out.0.key)']}")
+    if all("decode_step_us" in r for r in rows):
+        small, large = rows[0]["decode_step_us"], rows[-1]["decode_step_us"]
+        verdict = ": time grows with the cache, copies likely" if large > 1.3 * small else ""
+        summary = (f"decode step (B{B}, past {P}) {small:.0f} us at max_seq {rows[0]['max_seq']}, {large:.0f} us "
+                   f"at {rows[-1]['max_seq']} (x{large / small:.2f}{verdict}); " + summary)
+    if problems:
+        raise AssertionError("; ".join(problems) + " | " + summary)
+    return {"summary": summary, "rows": rows, "cache_layer_rows": layer_rows}
+
+
+def _inspector_json(trt, engine) -> dict | None:
+    """The engine inspector's JSON (pyCore.cpp binds EngineInspector only in full builds: None without it)."""
+    create = getattr(engine, "create_engine_inspector", None)
+    if create is None:
+        return None
+    return json.loads(create().get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def _cache_layers(info: dict | None) -> list[dict]:
+    """Every inspector layer that reads or writes a cache.* / cache_out.* tensor, Copy/Reformat flagged."""
+    out = []
+    for layer in (info or {}).get("Layers", []):
+        if isinstance(layer, str):  # not DETAILED: layer names only
+            name, kind, tensors = layer, "", CACHE_TENSOR.findall(layer)
+        else:
+            name, kind = str(layer.get("Name", "")), str(layer.get("LayerType", ""))
+            io = [t.get("Name", "") if isinstance(t, dict) else str(t)
+                  for t in list(layer.get("Inputs", [])) + list(layer.get("Outputs", []))]
+            tensors = [t for t in io if CACHE_TENSOR.fullmatch(t)]
+        if tensors:
+            out.append({"layer": name[:100], "type": kind, "cache_tensors": ", ".join(sorted(set(tensors))),
+                        "copy_or_reformat": bool(re.search(r"copy|reformat", f"{kind} {name}", re.I))})
+    return out
+
+
+def _drive_engine(trt, engine, c, M: int, ids, mask, pos, ref_logits, presents) -> dict:
+    """Prefill (profile 0), check the cache, then time one decode step (profile 1) repeated at the same past."""
+    import numpy as np
+    import torch
+
+    B, P = ids.shape
+    stream = torch.cuda.Stream()
+    cache = {f"cache.{i}.{kind}": torch.full((B, c.n_head, M, c.head_dim), CACHE_SENTINEL, device="cuda")
+             for i in range(c.n_layer) for kind in ("key", "value")}
+    logits_dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype("logits")))).dtype
+
+    def bind(profile: int, inputs: dict) -> tuple[Any, torch.Tensor]:
+        context = engine.create_execution_context()
+        context.set_optimization_profile_async(profile, stream.cuda_stream)  # raises RuntimeError on failure
+        addresses = {}
+        for name, t in {**inputs, **cache}.items():
+            if not context.set_input_shape(name, tuple(t.shape)):
+                raise RuntimeError(f"profile {profile}: set_input_shape({name}, {tuple(t.shape)}) refused")
+            addresses[name] = t.data_ptr()
+        logits = torch.empty(tuple(context.get_tensor_shape("logits")), dtype=logits_dtype, device="cuda")
+        addresses["logits"] = logits.data_ptr()
+        for name in cache:
+            addresses[name.replace("cache.", "cache_out.", 1)] = cache[name].data_ptr()  # aliased: one buffer
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if name not in addresses or not context.set_tensor_address(name, addresses[name]):
+                raise RuntimeError(f"profile {profile}: no address for {name}")
+        return context, logits
+
+    def run(context) -> None:
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("execute_async_v3 returned False")
+
+    prefill, logits = bind(0, {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "position_ids": pos.cuda()})
+    torch.cuda.synchronize()
+    run(prefill)
+    stream.synchronize()
+    kv_err, sentinel = 0.0, True
+    for i, (k, v) in enumerate(presents):
+        for kind, want in (("key", k), ("value", v)):
+            got = cache[f"cache.{i}.{kind}"]
+            kv_err = max(kv_err, (got[:, :, :P].cpu().float() - want.float()).abs().max().item())
+            sentinel &= bool((got[:, :, P:] == CACHE_SENTINEL).all())
+    logits_diff = (logits.float().cpu().reshape(ref_logits.shape) - ref_logits).abs().max().item()
+    step_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], 1).cuda()
+    decode, _ = bind(1, {"input_ids": ids[:, -1:].cuda(), "attention_mask": step_mask,
+                         "position_ids": (pos[:, -1:] + 1).cuda()})
+    for _ in range(5):  # warm-up; every repeat writes the same position P with the same values
+        run(decode)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(ALIASING_STEPS):
+        run(decode)
+    end.record(stream)
+    end.synchronize()
+    cache_mb = sum(t.numel() * t.element_size() for t in cache.values()) / 1e6
+    return {"kv_max_abs_err": kv_err, "sentinel_intact": sentinel, "prefill_logits_max_abs_diff": logits_diff,
+            "cache_mb": cache_mb, "decode_step_us": 1e3 * start.elapsed_time(end) / ALIASING_STEPS}
+
+
 SECTIONS = [
     ("environment", section_environment, "GPU, driver, newest PTX ISA the driver JITs, versions, pinned PTX loads"),
     ("triton_jit", section_triton_jit, "Triton JIT kernels vs PyTorch references over the shape sweep"),
     ("aot_ptx_driver", section_aot_ptx_driver,
      "register.py via NVIDIA's tensorrt.plugin -> the AOT PTX launched with cuModuleLoadData/cuLaunchKernel"),
     ("torch_backend", section_torch_backend, "torch backend on CUDA fp32/fp16: greedy vs CPU reference, tokens/s"),
+    ("torch_fp16_profile", section_torch_fp16_profile,
+     "gpt2 b1 decode step fp32 vs fp16, torch.profiler top-10 ops of one fp16 step"),
     ("tensorrt", section_tensorrt, "engine build + parity + tokens/s (skipped without TensorRT)"),
+    ("tensorrt_aliasing", section_tensorrt_aliasing,
+     "aliased KV cache: inspector Copy/Reformat layers, get_aliased_input_tensor, decode time at max_seq "
+     "128 vs 1024, cache vs PyTorch K/V + sentinel (skipped without TensorRT)"),
 ]
 
 
@@ -414,6 +680,9 @@ def markdown(report: dict) -> str:
         result = s.get("result", {})
         if result.get("rows"):
             lines += ["", f"## {name}", "", _table(result["rows"])]
+        for key, more in result.items():  # further tables: result keys ending in _rows
+            if key.endswith("_rows") and more:
+                lines += ["", f"### {name}: {key[:-5].replace('_', ' ')}", "", _table(more)]
         if s.get("traceback"):
             lines += ["", f"## {name}: traceback", "", "```", s["traceback"].rstrip(), "```"]
     if env:
@@ -471,8 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([Path(sys.executable).name,
               "-m", "benchmarks.gpu_check", *(argv if argv is not None else sys.argv[1:])]), "sections": {}}
-    ctx = {"trt_bindings": a.trt_bindings}
     out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = {"trt_bindings": a.trt_bindings, "out": out}
     for name, fn, what in SECTIONS:
         if name not in wanted:
             continue

@@ -164,8 +164,11 @@ def check_plugin_grids(config: Any, max_batch: int, max_seq_len: int) -> None:
 
 def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("attention", "gelu"), *,
                  max_batch: int = 8, max_seq_len: int | None = None, timing_cache: str | os.PathLike | None = None,
-                 tf32: bool = False, log=print) -> Path:
-    """Build and write the plan + manifest; returns the manifest path."""
+                 tf32: bool = False, detailed_profile: bool = False, log=print) -> Path:
+    """Build and write the plan + manifest; returns the manifest path.
+
+    detailed_profile: ProfilingVerbosity.DETAILED, so that the engine inspector lists every layer with
+    its I/O tensors (NvInfer.h IBuilderConfig::setProfilingVerbosity; benchmarks/gpu_check.py uses it)."""
     artifact_dir = Path(artifact_dir)
     art = read_artifact(artifact_dir, verify=True)
     refuse_quantized(artifact_dir, art.spec)
@@ -206,6 +209,8 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     config = builder.create_builder_config()
     if "attention" in plugins:  # the cache outputs are aliased to the cache inputs
         config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
+    if detailed_profile:  # pyCore.cpp: IBuilderConfig property profiling_verbosity, enum ProfilingVerbosity
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if not tf32 and hasattr(trt.BuilderFlag, "TF32"):  # fp32 GEMMs exact, for the 1e-4 parity bound
         config.clear_flag(trt.BuilderFlag.TF32)
     timing_cache = None if timing_cache is None else Path(timing_cache)

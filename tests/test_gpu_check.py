@@ -75,7 +75,8 @@ def test_without_a_gpu_it_prints_the_plan_and_exits_0(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "r")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for section in ("environment", "triton_jit", "aot_ptx_driver", "torch_backend", "tensorrt"):
+    for section in ("environment", "triton_jit", "aot_ptx_driver", "torch_backend", "torch_fp16_profile", "tensorrt",
+                    "tensorrt_aliasing"):
         assert f"  {section}: " in proc.stdout
     assert not (tmp_path / "r").exists()
 
@@ -129,3 +130,48 @@ def test_arguments_are_packed_in_tensorrt_order_as_the_ptx_declares(aot_ptx):
         pack_args(gelu, [1, 2, 3], [], [4])
     with pytest.raises(ValueError, match="does not fit an int32"):
         pack_args(gelu, [1, 2], [2**31], [3])
+
+
+def test_tensorrt_sections_skip_without_tensorrt():
+    from benchmarks import gpu_check
+    from tests.trt_helpers import has_tensorrt
+
+    if has_tensorrt():
+        pytest.skip("TensorRT is installed here")
+    for section in (gpu_check.section_tensorrt, gpu_check.section_tensorrt_aliasing):
+        result = section({})
+        assert result["status"] == "skipped" and "not installed" in result["summary"]
+
+
+def test_inspector_layers_on_the_cache_are_listed_and_copies_flagged():
+    from benchmarks.gpu_check import _cache_layers
+
+    info = {"Layers": [
+        {"Name": "kv_attention_0", "LayerType": "PluginV3",
+         "Inputs": [{"Name": "q"}, {"Name": "cache.0.key"}, {"Name": "cache.0.value"}],
+         "Outputs": [{"Name": "y"}, {"Name": "cache_out.0.key"}, {"Name": "cache_out.0.value"}]},
+        {"Name": "cache_out.0.key copy", "LayerType": "Reformat",
+         "Inputs": [{"Name": "cache.0.key"}], "Outputs": [{"Name": "cache_out.0.key"}]},
+        {"Name": "gemm", "LayerType": "Gemm", "Inputs": [{"Name": "x"}], "Outputs": [{"Name": "cache_outside"}]},
+        "Reformatting CopyNode for Input Tensor 0 to cache.1.value",  # not DETAILED: names only
+    ]}
+    rows = _cache_layers(info)
+    assert [(r["type"], r["copy_or_reformat"]) for r in rows] == [("PluginV3", False), ("Reformat", True), ("", True)]
+    assert rows[0]["cache_tensors"] == "cache.0.key, cache.0.value, cache_out.0.key, cache_out.0.value"
+    assert _cache_layers(None) == []
+
+
+def test_fp16_profile_section_on_cpu():
+    """The section's logic on a tiny model on CPU (on the GPU machine it profiles gpt2 on CUDA)."""
+    from benchmarks import gpu_check
+
+    result = gpu_check.section_torch_fp16_profile({"device": "cpu", "speed_preset": "tiny"})
+    assert [r["dtype"] for r in result["rows"]] == ["float32", "float16"]  # fp32 first
+    assert all(r["median_step_ms"] > 0 for r in result["rows"])
+    for by in ("cuda", "cpu"):
+        table = result[f"fp16_step_top10_self_{by}_rows"]
+        assert 1 <= len(table) <= 10 and {"op", "calls", "self_cuda_us", "self_cpu_us"} <= set(table[0])
+    assert any("addmm" in r["op"] or "linear" in r["op"] for r in result["fp16_step_top10_self_cpu_rows"])
+    md = gpu_check.markdown({"date": "d", "command": "c", "sections": {"torch_fp16_profile": {
+        "status": "ok", "seconds": 1.0, "result": result}}})
+    assert "### torch_fp16_profile: fp16 step top10 self cpu" in md
