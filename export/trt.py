@@ -271,7 +271,10 @@ def add_profiles(builder: Any, config: Any, shapes: list[dict[str, list[tuple[in
         # the input is not valid" (pyCore.cpp binds it as is)
         index = config.add_optimization_profile(profile)
         if index < 0:
-            raise ModelError(f"{where}: TensorRT refused the profile as invalid (shapes: {phase_shapes})")
+            bad = [n for n, dims in phase_shapes.items()
+                   if len({len(d) for d in dims}) > 1 or any(not a <= b <= c for a, b, c in zip(*dims))]  # noqa: B905
+            raise ModelError(f"{where}: TensorRT refused the profile as invalid (min <= opt <= max fails for: "
+                             f"{', '.join(bad) or 'no input by our own check'})")
         if index != k:
             raise ModelError(f"{where}: TensorRT numbered it {index}; the runtime selects profiles by index")
 
