@@ -77,9 +77,14 @@ def refuse_quantized(artifact_dir: Path, spec: ExportSpec) -> None:
     """
     if spec.quantize is None:
         return
-    raise ModelError(f"{artifact_dir}: this artifact is {spec.quantize}-quantized (block {spec.quant_block}), and "
-                     "TensorRT cannot build it (no INT8 block scales, no INT8 Gather, INT4 blocks only 64/128); "
-                     "export a float artifact for TensorRT")
+    reasons = []
+    if spec.quantize == "int8":
+        reasons.append("TensorRT has no INT8 block scales")
+    elif spec.quant_block not in (64, 128):
+        reasons.append("TensorRT's INT4 blocks are 64 or 128")
+    reasons.append("its int8 embedding table feeds a Gather, which TensorRT does not take in INT8")
+    raise ModelError(f"{artifact_dir}: this artifact is {spec.quantize}-quantized (block {spec.quant_block}) and "
+                     f"TensorRT cannot build it ({'; '.join(reasons)}); export a float artifact for TensorRT")
 
 
 def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...]) -> Path:

@@ -131,7 +131,8 @@ def test_quantized_artifact_is_refused_before_tensorrt(src, tmp_path, quantize, 
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-        assert f"{quantize}-quantized" in lines[0] and "TensorRT cannot build it" in lines[0], lines[0]
+        assert f"{quantize}-quantized (block {block}) and TensorRT cannot build it" in lines[0], lines[0]
+        assert ("no INT8 block scales" in lines[0]) == (quantize == "int8") and "Gather" in lines[0], lines[0]
     assert not (art / PLUGIN_GRAPH_FILE).exists() and not list(art.glob("trt_*"))
 
 
