@@ -540,7 +540,8 @@ def section_tensorrt_aliasing(ctx: dict) -> dict:
 
 
 def _inspector_json(trt, engine) -> dict | None:
-    """The engine inspector's JSON (pyCore.cpp binds EngineInspector only in full builds: None without it)."""
+    """The engine inspector's JSON, None where the bindings lack create_engine_inspector (pyCore.cpp binds it
+    on ICudaEngine in every build; only the EngineInspector class itself is under EXPORT_ALL_BINDINGS)."""
     create = getattr(engine, "create_engine_inspector", None)
     if create is None:
         return None
@@ -560,7 +561,7 @@ def _cache_layers(info: dict | None) -> list[dict]:
             tensors = [t for t in io if CACHE_TENSOR.fullmatch(t)]
         if tensors:
             out.append({"layer": name[:100], "type": kind, "cache_tensors": ", ".join(sorted(set(tensors))),
-                        "copy_or_reformat": bool(re.search(r"copy|reformat", f"{kind} {name}", re.I))})
+                        "copy_or_reformat": bool(re.search(r"copy|reformat|cpy", f"{kind} {name}", re.I))})
     return out
 
 
@@ -597,7 +598,10 @@ def _drive_engine(trt, engine, c, M: int, ids, mask, pos, ref_logits, presents) 
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("execute_async_v3 returned False")
 
-    prefill, logits = bind(0, {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "position_ids": pos.cuda()})
+    # TensorRT keeps only the addresses (NvInferRuntime.h setTensorAddress): every bound tensor stays referenced
+    # here until the last run, so PyTorch's allocator cannot hand its memory out meanwhile.
+    prefill_inputs = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "position_ids": pos.cuda()}
+    prefill, logits = bind(0, prefill_inputs)
     torch.cuda.synchronize()
     run(prefill)
     stream.synchronize()
@@ -609,16 +613,19 @@ def _drive_engine(trt, engine, c, M: int, ids, mask, pos, ref_logits, presents) 
             sentinel &= bool((got[:, :, P:] == CACHE_SENTINEL).all())
     logits_diff = (logits.float().cpu().reshape(ref_logits.shape) - ref_logits).abs().max().item()
     step_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], 1).cuda()
-    decode, _ = bind(1, {"input_ids": ids[:, -1:].cuda(), "attention_mask": step_mask,
-                         "position_ids": (pos[:, -1:] + 1).cuda()})
-    for _ in range(5):  # warm-up; every repeat writes the same position P with the same values
+    decode_inputs = {"input_ids": ids[:, -1:].cuda(), "attention_mask": step_mask,
+                     "position_ids": (pos[:, -1:] + 1).cuda()}
+    decode, decode_logits = bind(1, decode_inputs)
+    torch.cuda.synchronize()  # the inputs were copied on the default stream; the runs go on `stream`
+    for _step in range(5):  # warm-up; every repeat writes the same position P with the same values
         run(decode)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record(stream)
-    for _ in range(ALIASING_STEPS):
+    for _step in range(ALIASING_STEPS):
         run(decode)
     end.record(stream)
     end.synchronize()
+    del prefill_inputs, decode_inputs, decode_logits  # bound until here (see above)
     cache_mb = sum(t.numel() * t.element_size() for t in cache.values()) / 1e6
     return {"kv_max_abs_err": kv_err, "sentinel_intact": sentinel, "prefill_logits_max_abs_diff": logits_diff,
             "cache_mb": cache_mb, "decode_step_us": 1e3 * start.elapsed_time(end) / ALIASING_STEPS}
