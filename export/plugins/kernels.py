@@ -226,10 +226,11 @@ class AttentionTactic(IntEnum):
     """The attention plugin's tactic ids, one per tile size (the tiles per dtype and head_dim below).
 
     TensorRT's rules (NvInferRuntime.h IPluginV3OneBuild::getValidTactics): ids are "unique and non-zero",
-    "0 is reserved for the default tactic", which setTactic passes only "if no custom tactics were
-    advertised" (IPluginV3OneRuntime::setTactic). These plugins always advertise theirs, so any other id,
-    0 included, is an error (register.py), as in NVIDIA's sample (samples/python/quickly_deployable_plugins/
-    qdp_defs.py enable_multi_tactic_aot_circ_pad: an IntEnum Tactic, block_size_by_tactic[tactic]).
+    "0 is reserved for the default tactic" (setTactic: 0 "if no custom tactics were advertised"; the header
+    does not say "only then"). NVIDIA's own sample treats 0 as never arriving once tactics are advertised
+    (samples/python/quickly_deployable_plugins/qdp_defs.py enable_multi_tactic_aot_circ_pad: an IntEnum
+    Tactic, block_size_by_tactic[tactic] raises on 0), and so do we: any other id, 0 included, is an error
+    (register.py), loud rather than a silent default tile.
     """
     LARGE = 1
     MEDIUM = 2

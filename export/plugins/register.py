@@ -61,8 +61,9 @@ def _static_dim(shape, index: int, what: str) -> int:
 def _tactic(tactic: int, ids: type[IntEnum], advertised: dict, what: str) -> IntEnum:
     """The tactic TensorRT chose, as one of the ids autotune advertised; anything else is an error.
 
-    Never 0 for these plugins: setTactic passes TensorRT's default tactic 0 only "if no custom tactics
-    were advertised" (NvInferRuntime.h IPluginV3OneRuntime::setTactic), and they always advertise theirs.
+    Expected never to be 0 here: setTactic passes TensorRT's default tactic 0 "if no custom tactics were
+    advertised" (NvInferRuntime.h IPluginV3OneRuntime::setTactic) and these plugins always advertise theirs;
+    NVIDIA's QDP sample relies on the same (kernels.AttentionTactic). If it ever arrives, the build fails loudly.
     """
     try:
         chosen = ids(tactic)
