@@ -162,11 +162,14 @@ def blocks(*, gpt2: bool = True, bench_json: Path | None = None) -> dict[tuple[s
     return out
 
 
-def write_docs(docs_dir: Path = DOCS, *, gpt2: bool = True, bench_json: Path | None = None) -> list[str]:
-    """Rewrite every generated block; returns the names of the blocks whose text changed."""
+def write_docs(docs_dir: Path = DOCS, *, gpt2: bool = True, bench_json: Path | None = None,
+               only: tuple[str, ...] | None = None) -> list[str]:
+    """Rewrite every generated block (or those named in `only`); returns "file:block" for each that changed."""
     changed = []
     by_file: dict[str, list[tuple[str, Callable[[], str]]]] = {}
     for (doc, name), render in blocks(gpt2=gpt2, bench_json=bench_json).items():
+        if only is not None and name not in only:
+            continue
         by_file.setdefault(doc, []).append((name, render))
     for doc, items in by_file.items():
         path = docs_dir / doc
