@@ -98,5 +98,14 @@ def test_named_modules_tests_and_links_exist():
             assert (ROOT / "tests" / test).exists(), f"{path.name}: {test}"
         for file in set(re.findall(r"`((?:model|export|runtime|benchmarks|tests)/[\w/]+\.py)`", text)):
             assert (ROOT / file).exists(), f"{path.name}: {file}"
-        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", text):
-            assert (path.parent / target).exists(), f"{path.name}: link {target}"
+        for target, anchor in re.findall(r"\]\(([^)#:]*?\.md)?(?:#([^)]*))?\)", text):
+            linked = path.parent / target if target else path
+            assert linked.exists(), f"{path.name}: link {target}"
+            if anchor:
+                assert anchor in heading_anchors(linked.read_text()), f"{path.name}: link {target}#{anchor}"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors: the heading lowercased, punctuation but '-' dropped, spaces to '-'."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
