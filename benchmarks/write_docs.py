@@ -13,6 +13,7 @@ from each CLI's own `--help`; the benchmark tables from benchmarks.report.markdo
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -20,8 +21,16 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from benchmarks.report import markdown
+from export.onnx_graph import build_gpt_graph, node_counts
+from model.artifact import ExportSpec
+from model.config import GPTConfig
 from model.errors import CliParser, ModelError, run_cli
 from model.files import write_atomic
+from model.gpt import GPT
+from model.load import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -77,12 +86,6 @@ def read_block(text: str, name: str) -> str:
 def model_for_counts(name: str):
     """(config, fp32 state_dict, description). The node counts depend on the config alone; the demo's real
     weights are used because they are at hand, gpt2's are random (seed 0)."""
-    import torch
-
-    from model.config import GPTConfig
-    from model.gpt import GPT
-    from model.load import load_model
-
     if name == "demo":
         model, _ = load_model("demo")
     else:
@@ -94,9 +97,6 @@ def model_for_counts(name: str):
 
 
 def node_count_block(name: str) -> str:
-    from export.onnx_graph import build_gpt_graph, node_counts
-    from model.artifact import ExportSpec
-
     config, state, desc = model_for_counts(name)
     lines = [f"**{name}** ({desc}):", "", "| graph | nodes | by op_type |", "|---|---|---|"]
     for label, kwargs in GRAPH_VARIANTS:
@@ -110,8 +110,6 @@ def node_count_block(name: str) -> str:
 
 def usage(module: str) -> str:
     """The usage line that `python -m module --help` prints, at a fixed width."""
-    import importlib
-
     main = importlib.import_module(module).main
     out = io.StringIO()
     old = os.environ.get("COLUMNS")
@@ -138,8 +136,6 @@ def usage_block(modules: tuple[str, ...]) -> str:
 # ---- benchmark tables
 
 def bench_block(bench_json: Path) -> str:
-    from benchmarks.report import markdown
-
     try:
         doc = json.loads(bench_json.read_text())
     except (OSError, json.JSONDecodeError) as e:
