@@ -167,7 +167,8 @@ def write_docs(docs_dir: Path = DOCS, *, gpt2: bool = True, bench_json: Path | N
         if only is not None and name not in only:
             continue
         by_file.setdefault(doc, []).append((name, render))
-    for doc, items in by_file.items():
+    rewritten: dict[Path, str] = {}
+    for doc, items in by_file.items():  # render everything before writing anything
         path = docs_dir / doc
         text = path.read_text()
         new = text
@@ -176,7 +177,9 @@ def write_docs(docs_dir: Path = DOCS, *, gpt2: bool = True, bench_json: Path | N
             if read_block(new, name) != read_block(text, name):
                 changed.append(f"{doc}:{name}")
         if new != text:
-            write_atomic(path, new.encode())
+            rewritten[path] = new
+    for path, new in rewritten.items():
+        write_atomic(path, new.encode())
     return changed
 
 
