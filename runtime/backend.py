@@ -1,6 +1,6 @@
-"""The small interface every backend implements (names after gpt-fast).
+"""The small interface every backend implements (names after gpt-fast), and its one error type.
 
-A backend owns its KV cache. The shared generation loop (runtime/generation.py) calls
+A backend owns its KV cache. The shared generation loop (runtime/loop.py) calls
 `reset` once per batch, then `prefill` with the (left-padded) prompt, then
 `decode_one_token` per new token. It builds attention_mask and position_ids itself, so
 every backend sees exactly the same inputs:
@@ -27,9 +27,14 @@ it passes, and zeroes nothing it reads. Four operations change the running batch
   cache_len reaches the capacity given to reset.
 
 `reset(capacity, max_seq_len)` empties the running batch and makes room for `capacity` rows of
-`max_seq_len` positions; `prefill` fills the empty batch with its input's rows. Positions a row
-never wrote are left padding to the caller; backends fill them with zeros or with earlier finite
-values, never with uninitialised memory (a masked key still multiplies its value by 0).
+`max_seq_len` positions; `prefill` fills the empty batch with its input's rows (a second prefill
+needs a reset first). Positions a row never wrote are left padding to the caller; backends fill
+them with zeros or with earlier finite values, never with uninitialised memory (a masked key still
+multiplies its value by 0).
+
+Misuse (a call out of order, a shape that does not fit, more rows or positions than reset made room
+for, a row that does not exist) raises BackendUsageError on every backend, before any work.
+tests/test_backend_conformance.py runs the same checks on each.
 """
 
 from __future__ import annotations
@@ -40,7 +45,12 @@ from typing import Protocol
 import torch
 
 from model.config import GPTConfig
+from model.errors import ModelError
 from model.tokenizer import Tokenizer
+
+
+class BackendUsageError(ModelError):
+    """A backend called out of order or with inputs that do not fit (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +70,13 @@ class RowCache:
 
 
 class Backend(Protocol):
-    name: str
+    name: str  # e.g. "torch", "onnxruntime-cpu", "tensorrt"
     config: GPTConfig
     tokenizer: Tokenizer
-    device: torch.device
+    device: torch.device  # where the inputs go and the logits come from
+    dtype: torch.dtype  # of the KV cache (and of the weights, except quantized graphs')
+    max_seq_len: int  # the most positions a row may hold: block_size, or what the artifact / engine was built for
+    max_batch: int | None  # the most rows reset may ask for (a TensorRT engine's profiles), None: memory decides
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         """Drop any cache; room for batch_size rows of up to max_seq_len positions. The running batch
@@ -91,6 +104,15 @@ class Backend(Protocol):
 
     def trim_left(self, n: int) -> None:
         """Drop the first n cached positions of every row of the running batch."""
+
+
+def check_step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                      past: int) -> None:
+    """A step's inputs over `past` cached positions: input_ids and position_ids [B, S], attention_mask [B, past + S]."""
+    B, S = input_ids.shape
+    if tuple(attention_mask.shape) != (B, past + S) or tuple(position_ids.shape) != (B, S):
+        raise BackendUsageError(f"attention_mask must be [{B}, {past + S}] and position_ids [{B}, {S}], got "
+                                f"{list(attention_mask.shape)} and {list(position_ids.shape)}")
 
 
 # ---- helpers the backends' row operations share (views [rows, n_head, positions, head_dim])

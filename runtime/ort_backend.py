@@ -18,13 +18,14 @@ import torch
 
 from export.session import open_session, resolve_providers
 from model.artifact import KV_KINDS, TORCH_DTYPES, past_name, present_name, read_artifact
-from model.errors import ModelError
-from runtime.backend import RowCache, shift_rows, write_rows
+from runtime.backend import BackendUsageError, RowCache, check_step_inputs, shift_rows, write_rows
 
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}  # for IO binding
 
 
 class OnnxRuntimeBackend:
+    max_batch = None  # as many rows as memory holds
+
     def __init__(self, artifact_dir: str | os.PathLike, providers: list[str] | str | None = None,
                  threads: int | None = None, verify_hashes: bool = True,
                  session_config: dict[str, str] | None = None) -> None:
@@ -37,7 +38,7 @@ class OnnxRuntimeBackend:
         self.name = "onnxruntime-" + ("cpu" if self.providers[0] == "CPUExecutionProvider" else
                                       "cuda" if self.providers[0] == "CUDAExecutionProvider" else "tensorrt")
         self.device = torch.device("cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda")
-        self.kv_dtype = TORCH_DTYPES[self.spec.dtype]
+        self.dtype = self.kv_dtype = TORCH_DTYPES[self.spec.dtype]
         self.max_seq_len = self.spec.max_seq_len
         self.session = open_session(art.model_path, art.config, self.providers, threads, session_config)
         self.rows = self.cache_len = self._capacity = 0
@@ -51,7 +52,9 @@ class OnnxRuntimeBackend:
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         if max_seq_len > self.max_seq_len:
-            raise ModelError(f"max_seq_len {max_seq_len} exceeds the artifact's {self.max_seq_len}")
+            raise BackendUsageError(f"max_seq_len {max_seq_len} exceeds the artifact's {self.max_seq_len}")
+        if batch_size < 1:
+            raise BackendUsageError(f"batch_size must be >= 1, got {batch_size}")
         c = self.config
         n = batch_size * c.n_head * max_seq_len * c.head_dim
         # [ping/pong][layer][key/value] flat buffers; reused while they are large enough, and the
@@ -69,17 +72,18 @@ class OnnxRuntimeBackend:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
         if not self._capacity:
-            raise ModelError("call reset(batch_size, max_seq_len) before prefill")
-        self.rows = self.cache_len = self._cur = 0
+            raise BackendUsageError("call reset(batch_size, max_seq_len) before prefill")
+        if self.rows or self.cache_len:
+            raise BackendUsageError("prefill on a running batch: call reset() first")
         B = input_ids.shape[0]
         if B > self._capacity:
-            raise ModelError(f"batch {B} exceeds reset's {self._capacity}")
+            raise BackendUsageError(f"batch {B} exceeds reset's {self._capacity}")
         return self._step(input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[0] != self.rows:
-            raise ModelError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
+            raise BackendUsageError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
         return self._step(input_ids, attention_mask, position_ids)
 
     # ---- row operations (runtime/backend.py). The running batch is dense in the current buffer,
@@ -89,7 +93,7 @@ class OnnxRuntimeBackend:
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
         c, (n, T) = self.config, input_ids.shape
         if T > self.max_seq_len:
-            raise ModelError(f"sequence length {T} exceeds the artifact's max_seq_len {self.max_seq_len}")
+            raise BackendUsageError(f"sequence length {T} exceeds the artifact's max_seq_len {self.max_seq_len}")
         shape = (n, c.n_head, T, c.head_dim)
         layers = [(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(c.n_layer)]
@@ -113,7 +117,7 @@ class OnnxRuntimeBackend:
 
     def release_row(self, row: int) -> None:
         if not 0 <= row < self.rows:
-            raise IndexError(f"row {row} is outside the running batch's {self.rows} rows")
+            raise BackendUsageError(f"row {row} is outside the running batch's {self.rows} rows")
         last = self.rows - 1
         if row != last:
             for bufs in self._kv[self._cur]:
@@ -126,7 +130,7 @@ class OnnxRuntimeBackend:
 
     def trim_left(self, n: int) -> None:
         if not 0 <= n <= self.cache_len:
-            raise ValueError(f"cannot trim {n} of {self.cache_len} cached positions")
+            raise BackendUsageError(f"cannot trim {n} of {self.cache_len} cached positions")
         if n:
             self._relayout(-n)
 
@@ -145,7 +149,7 @@ class OnnxRuntimeBackend:
 
     def _check_room(self, B: int, P: int) -> None:
         if B > self._capacity or P > self._cap:
-            raise ModelError(f"the cache holds {self._capacity} rows x {self._cap} positions (reset); "
+            raise BackendUsageError(f"the cache holds {self._capacity} rows x {self._cap} positions (reset); "
                              f"got {B} rows x {P}")
 
     def _bind(self, binding, name: str, t: torch.Tensor, shape: tuple[int, ...], output: bool = False) -> None:
@@ -160,8 +164,7 @@ class OnnxRuntimeBackend:
         """One graph run: past (P positions) and present (P + seq) per layer at their buffers' starts."""
         B, S = input_ids.shape
         T = P + S
-        if tuple(attention_mask.shape) != (B, T) or tuple(position_ids.shape) != (B, S):
-            raise ModelError(f"attention_mask must be [{B}, {T}] and position_ids [{B}, {S}]")
+        check_step_inputs(input_ids, attention_mask, position_ids, P)
         c = self.config
         feeds = [t.to(self.device, torch.int64).contiguous() for t in (input_ids, attention_mask, position_ids)]
         for name, t in zip(("input_ids", "attention_mask", "position_ids"), feeds):
@@ -183,7 +186,7 @@ class OnnxRuntimeBackend:
         B, S = input_ids.shape
         P, T = self.cache_len, self.cache_len + S
         if T > self._cap:
-            raise ModelError(f"sequence length {T} exceeds max_seq_len {self._cap} given to reset")
+            raise BackendUsageError(f"sequence length {T} exceeds max_seq_len {self._cap} given to reset")
         c = self.config
         if self.spec.logits == "all":
             logits = torch.empty(B, S, c.vocab_size, dtype=torch.float32, device=self.device)

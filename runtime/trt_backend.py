@@ -40,7 +40,7 @@ from model.artifact import (
 )
 from model.errors import ModelError
 from model.files import sha256_file
-from runtime.backend import RowCache, shift_rows, write_rows
+from runtime.backend import BackendUsageError, RowCache, shift_rows, write_rows
 
 
 class TensorRTBackend:
@@ -106,9 +106,9 @@ class TensorRTBackend:
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         if not 1 <= batch_size <= self.max_batch:
-            raise ModelError(f"batch {batch_size} is outside the engine's 1..{self.max_batch}")
+            raise BackendUsageError(f"batch {batch_size} is outside the engine's 1..{self.max_batch}")
         if max_seq_len > self.max_seq_len:
-            raise ModelError(f"max_seq_len {max_seq_len} exceeds the engine's {self.max_seq_len}")
+            raise BackendUsageError(f"max_seq_len {max_seq_len} exceeds the engine's {self.max_seq_len}")
         c, B, M = self.config, batch_size, self.max_seq_len
         with torch.cuda.stream(self.stream):
             if B > self.capacity:
@@ -130,13 +130,13 @@ class TensorRTBackend:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
         if self.cache_len or self.rows:
-            raise RuntimeError("prefill after decode: call reset() first")
+            raise BackendUsageError("prefill on a running batch: call reset() first")
         return self._run(self._prefill, input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[0] != self.rows:
-            raise RuntimeError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
+            raise BackendUsageError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
         return self._run(self._decode, input_ids, attention_mask, position_ids)
 
     def _cache_names(self) -> list[str]:
@@ -148,8 +148,8 @@ class TensorRTBackend:
         B, S = input_ids.shape
         P, c = self.cache_len, self.config
         if B > self.capacity or P + S > self.max_seq_len:
-            raise RuntimeError(f"engine buffers hold batch {self.capacity} x {self.max_seq_len} positions; got batch "
-                               f"{B} up to {P + S}: call reset() with the right sizes")
+            raise BackendUsageError(f"engine buffers hold batch {self.capacity} x {self.max_seq_len} positions; "
+                                    f"got batch {B} up to {P + S}: call reset() with the right sizes")
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
         if self.static_cache:
             for name, t in self._cache.items():
@@ -173,7 +173,7 @@ class TensorRTBackend:
         output)), run the engine on self.stream and wait: -> last-position logits [B, vocab] (a copy)."""
         B, S = input_ids.shape
         if attention_mask.shape != (B, P + S):
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected {(B, P + S)}")
+            raise BackendUsageError(f"attention_mask shape {tuple(attention_mask.shape)}, expected {(B, P + S)}")
         ctx = self.contexts[phase]
         bound: set[str] = set()
 
@@ -218,7 +218,7 @@ class TensorRTBackend:
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
         c, M, (n, T) = self.config, self.max_seq_len, input_ids.shape
         if not 1 <= n <= self.max_batch or T > M:
-            raise RuntimeError(f"prefill_rows of {n} x {T} is outside the engine's {self.max_batch} x {M}")
+            raise BackendUsageError(f"prefill_rows of {n} x {T} is outside the engine's {self.max_batch} x {M}")
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
         with torch.cuda.stream(self.stream):
             rows = M if self.manifest.logits == "all" else 1
@@ -246,8 +246,8 @@ class TensorRTBackend:
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
         if B + n > self.capacity or max(P, L) > self.max_seq_len:
-            raise RuntimeError(f"engine buffers hold {self.capacity} rows x {self.max_seq_len} positions; "
-                               f"got {B + n} rows x {max(P, L)}")
+            raise BackendUsageError(f"engine buffers hold {self.capacity} rows x {self.max_seq_len} positions; "
+                                    f"got {B + n} rows x {max(P, L)}")
         with torch.cuda.stream(self.stream):
             if L > P:  # every running row gains L - P positions of left padding
                 self._shift(L - P)
@@ -259,7 +259,7 @@ class TensorRTBackend:
 
     def release_row(self, row: int) -> None:
         if not 0 <= row < self.rows:
-            raise IndexError(f"row {row} is outside the running batch's {self.rows} rows")
+            raise BackendUsageError(f"row {row} is outside the running batch's {self.rows} rows")
         last = self.rows - 1
         if row != last:
             with torch.cuda.stream(self.stream):
@@ -273,7 +273,7 @@ class TensorRTBackend:
 
     def trim_left(self, n: int) -> None:
         if not 0 <= n <= self.cache_len:
-            raise ValueError(f"cannot trim {n} of {self.cache_len} cached positions")
+            raise BackendUsageError(f"cannot trim {n} of {self.cache_len} cached positions")
         if n:
             with torch.cuda.stream(self.stream):
                 self._shift(-n)
