@@ -40,7 +40,7 @@ tests/test_backend_conformance.py runs the same checks on each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -69,6 +69,7 @@ class RowCache:
         return self.layers[0][0].shape[2]
 
 
+@runtime_checkable
 class Backend(Protocol):
     name: str  # e.g. "torch", "onnxruntime-cpu", "tensorrt"
     config: GPTConfig
@@ -77,6 +78,10 @@ class Backend(Protocol):
     dtype: torch.dtype  # of the KV cache (and of the weights, except quantized graphs')
     max_seq_len: int  # the most positions a row may hold: block_size, or what the artifact / engine was built for
     max_batch: int | None  # the most rows reset may ask for (a TensorRT engine's profiles), None: memory decides
+
+    def describe(self) -> dict[str, Any]:
+        """How this backend runs, for a benchmark's JSON: name, device, dtype and its runtime's own settings
+        (torch threads; onnxruntime providers and intra-op threads; a TensorRT engine's variant)."""
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         """Drop any cache; room for batch_size rows of up to max_seq_len positions. The running batch
@@ -107,12 +112,27 @@ class Backend(Protocol):
 
 
 def check_step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                      past: int) -> None:
-    """A step's inputs over `past` cached positions: input_ids and position_ids [B, S], attention_mask [B, past + S]."""
+                      past: int) -> tuple[int, int]:
+    """A step's inputs over `past` cached positions: input_ids and position_ids [B, S], attention_mask
+    [B, past + S], B and S >= 1. -> (B, S)."""
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise BackendUsageError(f"input_ids must be [batch, seq] with batch, seq >= 1, got {list(input_ids.shape)}")
     B, S = input_ids.shape
     if tuple(attention_mask.shape) != (B, past + S) or tuple(position_ids.shape) != (B, S):
         raise BackendUsageError(f"attention_mask must be [{B}, {past + S}] and position_ids [{B}, {S}], got "
                                 f"{list(attention_mask.shape)} and {list(position_ids.shape)}")
+    return B, S
+
+
+def describe(backend: Backend, **settings: Any) -> dict[str, Any]:
+    """Backend.describe's common part (name, device, dtype) and a backend's own settings."""
+    return {"name": backend.name, "device": str(backend.device), "dtype": str(backend.dtype).removeprefix("torch."),
+            **settings}
+
+
+NO_RUNNING_BATCH = "decode_one_token with no running batch: call prefill (or add_rows) first"
+PREFILL_BEFORE_RESET = "call reset(batch_size, max_seq_len) before prefill"
+PREFILL_ON_RUNNING_BATCH = "prefill on a running batch: call reset() first"
 
 
 # ---- helpers the backends' row operations share (views [rows, n_head, positions, head_dim])

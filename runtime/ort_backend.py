@@ -18,7 +18,17 @@ import torch
 
 from export.session import open_session, resolve_providers
 from model.artifact import KV_KINDS, TORCH_DTYPES, past_name, present_name, read_artifact
-from runtime.backend import BackendUsageError, RowCache, check_step_inputs, shift_rows, write_rows
+from runtime.backend import (
+    NO_RUNNING_BATCH,
+    PREFILL_BEFORE_RESET,
+    PREFILL_ON_RUNNING_BATCH,
+    BackendUsageError,
+    RowCache,
+    check_step_inputs,
+    describe,
+    shift_rows,
+    write_rows,
+)
 
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}  # for IO binding
 
@@ -50,6 +60,11 @@ class OnnxRuntimeBackend:
         self._no_past = torch.zeros(1, dtype=self.kv_dtype, device=self.device)  # a real address for past 0
         self._logits = torch.empty(0, 1, self.config.vocab_size, dtype=torch.float32, device=self.device)
 
+    def describe(self) -> dict:
+        # intra-op threads 0 = onnxruntime's default: one thread per physical core
+        return describe(self, providers=self.providers,
+                        intra_op_threads=self.session.get_session_options().intra_op_num_threads)
+
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         if max_seq_len > self.max_seq_len:
             raise BackendUsageError(f"max_seq_len {max_seq_len} exceeds the artifact's {self.max_seq_len}")
@@ -72,16 +87,17 @@ class OnnxRuntimeBackend:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
         if not self._capacity:
-            raise BackendUsageError("call reset(batch_size, max_seq_len) before prefill")
+            raise BackendUsageError(PREFILL_BEFORE_RESET)
         if self.rows or self.cache_len:
-            raise BackendUsageError("prefill on a running batch: call reset() first")
-        B = input_ids.shape[0]
-        if B > self._capacity:
-            raise BackendUsageError(f"batch {B} exceeds reset's {self._capacity}")
+            raise BackendUsageError(PREFILL_ON_RUNNING_BATCH)
+        self._check_room(*check_step_inputs(input_ids, attention_mask, position_ids, 0))
         return self._step(input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            raise BackendUsageError(NO_RUNNING_BATCH)
+        check_step_inputs(input_ids, attention_mask, position_ids, self.cache_len)
         if input_ids.shape[0] != self.rows:
             raise BackendUsageError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
         return self._step(input_ids, attention_mask, position_ids)
@@ -91,7 +107,7 @@ class OnnxRuntimeBackend:
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
-        c, (n, T) = self.config, input_ids.shape
+        c, (n, T) = self.config, check_step_inputs(input_ids, attention_mask, position_ids, 0)
         if T > self.max_seq_len:
             raise BackendUsageError(f"sequence length {T} exceeds the artifact's max_seq_len {self.max_seq_len}")
         shape = (n, c.n_head, T, c.head_dim)
@@ -150,7 +166,7 @@ class OnnxRuntimeBackend:
     def _check_room(self, B: int, P: int) -> None:
         if B > self._capacity or P > self._cap:
             raise BackendUsageError(f"the cache holds {self._capacity} rows x {self._cap} positions (reset); "
-                             f"got {B} rows x {P}")
+                                    f"got {B} rows x {P}")
 
     def _bind(self, binding, name: str, t: torch.Tensor, shape: tuple[int, ...], output: bool = False) -> None:
         kind = "cpu" if t.device.type == "cpu" else "cuda"
@@ -185,8 +201,7 @@ class OnnxRuntimeBackend:
               position_ids: torch.Tensor) -> torch.Tensor:
         B, S = input_ids.shape
         P, T = self.cache_len, self.cache_len + S
-        if T > self._cap:
-            raise BackendUsageError(f"sequence length {T} exceeds max_seq_len {self._cap} given to reset")
+        self._check_room(B, T)
         c = self.config
         if self.spec.logits == "all":
             logits = torch.empty(B, S, c.vocab_size, dtype=torch.float32, device=self.device)

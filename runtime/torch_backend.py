@@ -12,7 +12,17 @@ import torch
 
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
-from runtime.backend import BackendUsageError, RowCache, check_step_inputs, shift_rows, write_rows
+from runtime.backend import (
+    NO_RUNNING_BATCH,
+    PREFILL_BEFORE_RESET,
+    PREFILL_ON_RUNNING_BATCH,
+    BackendUsageError,
+    RowCache,
+    check_step_inputs,
+    describe,
+    shift_rows,
+    write_rows,
+)
 
 
 class TorchBackend:
@@ -33,6 +43,9 @@ class TorchBackend:
     def max_seq_len(self) -> int:
         return self.config.block_size
 
+    def describe(self) -> dict:
+        return describe(self, torch_threads=torch.get_num_threads())
+
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         if max_seq_len > self.max_seq_len:
             raise BackendUsageError(f"max_seq_len {max_seq_len} exceeds the model's block_size {self.max_seq_len}")
@@ -48,10 +61,10 @@ class TorchBackend:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
         if not self._capacity[0]:
-            raise BackendUsageError("call reset(batch_size, max_seq_len) before prefill")
+            raise BackendUsageError(PREFILL_BEFORE_RESET)
         if self.rows or self.cache_len:
-            raise BackendUsageError("prefill on a running batch: call reset() first")
-        B, T = input_ids.shape
+            raise BackendUsageError(PREFILL_ON_RUNNING_BATCH)
+        B, T = check_step_inputs(input_ids, attention_mask, position_ids, 0)
         self._check_room(B, T)
         logits = self._forward(input_ids, attention_mask, position_ids, 0)
         self.rows, self.cache_len = B, T
@@ -59,6 +72,9 @@ class TorchBackend:
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            raise BackendUsageError(NO_RUNNING_BATCH)
+        check_step_inputs(input_ids, attention_mask, position_ids, self.cache_len)
         if input_ids.shape[0] != self.rows:
             raise BackendUsageError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
         self._check_room(self.rows, self.cache_len + input_ids.shape[1])
@@ -71,9 +87,9 @@ class TorchBackend:
     @torch.inference_mode()
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
-        if input_ids.shape[1] > self.max_seq_len:
+        if check_step_inputs(input_ids, attention_mask, position_ids, 0)[1] > self.max_seq_len:
             raise BackendUsageError(f"prefill of {input_ids.shape[1]} positions exceeds block_size {self.max_seq_len}")
-        input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids, 0)
+        input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids)
         logits, present = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      last_logits_only=True)
         return logits[:, -1].float(), RowCache(present)
@@ -122,17 +138,15 @@ class TorchBackend:
             raise BackendUsageError(f"the cache holds {rows} rows x {positions} positions (reset); "
                                     f"got {B} rows x {end}")
 
-    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_step_inputs(input_ids, attention_mask, position_ids, past)
+    def _inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # callers may hand CPU tensors (export/parity.verify_decode does); the loop already passes device ones
-        return tuple(t.to(self.device) for t in (input_ids, attention_mask, position_ids))
+        return tuple(t.to(self.device) for t in tensors)
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  start: int) -> torch.Tensor:
         """One step of the running batch: positions start.. of its rows, written into the static caches."""
-        input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids, start)
+        input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids)
         if bool(attention_mask.all()):  # no padding: SDPA's unmasked kernels (GPT.forward's attention_inputs)
             attention_mask = None
         logits, _ = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -40,7 +40,17 @@ from model.artifact import (
 )
 from model.errors import ModelError
 from model.files import sha256_file
-from runtime.backend import BackendUsageError, RowCache, shift_rows, write_rows
+from runtime.backend import (
+    NO_RUNNING_BATCH,
+    PREFILL_BEFORE_RESET,
+    PREFILL_ON_RUNNING_BATCH,
+    BackendUsageError,
+    RowCache,
+    check_step_inputs,
+    describe,
+    shift_rows,
+    write_rows,
+)
 
 
 class TensorRTBackend:
@@ -91,6 +101,7 @@ class TensorRTBackend:
         self._no_past = torch.zeros(1, dtype=self.dtype, device=self.device)  # a real address for a 0-length past
         self._scratch: dict[str, torch.Tensor] = {}  # static-cache engines: prefill_rows' own cache
         self.capacity = 0
+        self.positions = 0  # max_seq_len given to reset (the buffers always hold the engine's)
         self.rows = 0
         self.cache_len = 0
 
@@ -103,6 +114,9 @@ class TensorRTBackend:
         wanted = " or ".join(engine_files(v)[1] for v in variants)
         raise ModelError(f"{self.artifact_dir}: no TensorRT engine ({wanted}); "
                          f"build one with python -m export.trt --model {self.artifact_dir}")
+
+    def describe(self) -> dict:
+        return describe(self, variant=self.variant)
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         if not 1 <= batch_size <= self.max_batch:
@@ -125,16 +139,23 @@ class TensorRTBackend:
                                  for i in range(c.n_layer) for kind in ("key", "value")} for _ in range(2)]
                 self.capacity = B
         self._current = 0
+        self.positions = max_seq_len
         self.rows = self.cache_len = 0
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
+        if not self.capacity:
+            raise BackendUsageError(PREFILL_BEFORE_RESET)
         if self.cache_len or self.rows:
-            raise BackendUsageError("prefill on a running batch: call reset() first")
+            raise BackendUsageError(PREFILL_ON_RUNNING_BATCH)
+        check_step_inputs(input_ids, attention_mask, position_ids, 0)
         return self._run(self._prefill, input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            raise BackendUsageError(NO_RUNNING_BATCH)
+        check_step_inputs(input_ids, attention_mask, position_ids, self.cache_len)
         if input_ids.shape[0] != self.rows:
             raise BackendUsageError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
         return self._run(self._decode, input_ids, attention_mask, position_ids)
@@ -147,9 +168,9 @@ class TensorRTBackend:
         """A step of the running batch: its cache, written in place (plugins) or into the other buffer."""
         B, S = input_ids.shape
         P, c = self.cache_len, self.config
-        if B > self.capacity or P + S > self.max_seq_len:
-            raise BackendUsageError(f"engine buffers hold batch {self.capacity} x {self.max_seq_len} positions; "
-                                    f"got batch {B} up to {P + S}: call reset() with the right sizes")
+        if B > self.capacity or P + S > self.positions:
+            raise BackendUsageError(f"the cache holds {self.capacity} rows x {self.positions} positions (reset); "
+                                    f"got {B} rows x {P + S}")
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
         if self.static_cache:
             for name, t in self._cache.items():
@@ -171,9 +192,7 @@ class TensorRTBackend:
                  logits_buf: torch.Tensor) -> torch.Tensor:
         """Stage ids/mask/positions, bind `tensors` (name -> (tensor, its input shape, or None for an
         output)), run the engine on self.stream and wait: -> last-position logits [B, vocab] (a copy)."""
-        B, S = input_ids.shape
-        if attention_mask.shape != (B, P + S):
-            raise BackendUsageError(f"attention_mask shape {tuple(attention_mask.shape)}, expected {(B, P + S)}")
+        B, S = check_step_inputs(input_ids, attention_mask, position_ids, P)
         ctx = self.contexts[phase]
         bound: set[str] = set()
 
@@ -216,7 +235,7 @@ class TensorRTBackend:
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
-        c, M, (n, T) = self.config, self.max_seq_len, input_ids.shape
+        c, M, (n, T) = self.config, self.max_seq_len, check_step_inputs(input_ids, attention_mask, position_ids, 0)
         if not 1 <= n <= self.max_batch or T > M:
             raise BackendUsageError(f"prefill_rows of {n} x {T} is outside the engine's {self.max_batch} x {M}")
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
@@ -245,8 +264,8 @@ class TensorRTBackend:
 
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
-        if B + n > self.capacity or max(P, L) > self.max_seq_len:
-            raise BackendUsageError(f"engine buffers hold {self.capacity} rows x {self.max_seq_len} positions; "
+        if B + n > self.capacity or max(P, L) > self.positions:
+            raise BackendUsageError(f"the cache holds {self.capacity} rows x {self.positions} positions (reset); "
                                     f"got {B + n} rows x {max(P, L)}")
         with torch.cuda.stream(self.stream):
             if L > P:  # every running row gains L - P positions of left padding

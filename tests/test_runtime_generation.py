@@ -191,7 +191,8 @@ class ScriptedBackend:
         self.scripts, self.tokenizer = scripts, tokenizer
         self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=block_size,
                                 vocab_size=tokenizer.n_vocab + 3)
-        self.device = torch.device("cpu")
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.max_seq_len, self.max_batch = block_size, None  # the Backend protocol's declared attributes
         self.calls: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
