@@ -130,9 +130,60 @@ def describe(backend: Backend, **settings: Any) -> dict[str, Any]:
             **settings}
 
 
-NO_RUNNING_BATCH = "decode_one_token with no running batch: call prefill (or add_rows) first"
-PREFILL_BEFORE_RESET = "call reset(batch_size, max_seq_len) before prefill"
-PREFILL_ON_RUNNING_BATCH = "prefill on a running batch: call reset() first"
+def check_reset(backend: Backend, batch_size: int, max_seq_len: int) -> None:
+    """reset's arguments: 1..max_batch rows (any number without one), 1..max_seq_len positions."""
+    if batch_size < 1 or (backend.max_batch is not None and batch_size > backend.max_batch):
+        raise BackendUsageError(f"batch_size {batch_size} is outside 1..{backend.max_batch or 'any'} ({backend.name})")
+    if not 1 <= max_seq_len <= backend.max_seq_len:
+        raise BackendUsageError(f"max_seq_len {max_seq_len} is outside 1..{backend.max_seq_len} ({backend.name})")
+
+
+def check_prefill_rows(backend: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor) -> tuple[int, int]:
+    """prefill_rows's inputs: shapes, and rows x positions within max_batch x max_seq_len. -> (rows, positions)"""
+    n, T = check_step_inputs(input_ids, attention_mask, position_ids, 0)
+    if T > backend.max_seq_len or (backend.max_batch is not None and n > backend.max_batch):
+        raise BackendUsageError(f"prefill_rows of {n} rows x {T} positions exceeds {backend.max_batch or 'any'} rows "
+                                f"x {backend.max_seq_len} positions ({backend.name})")
+    return n, T
+
+
+def check_prefill(backend: Backend, reset_done: bool, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor) -> tuple[int, int]:
+    """prefill's preconditions: reset called, the running batch empty, the inputs' shapes. -> (B, S)"""
+    if not reset_done:
+        raise BackendUsageError("call reset(batch_size, max_seq_len) before prefill")
+    if backend.rows or backend.cache_len:
+        raise BackendUsageError("prefill on a running batch: call reset() first")
+    return check_step_inputs(input_ids, attention_mask, position_ids, 0)
+
+
+def check_decode(backend: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> tuple[int, int]:
+    """decode_one_token's preconditions: a running batch, inputs of its rows over its cached positions. -> (B, S)"""
+    if not backend.rows:
+        raise BackendUsageError("decode_one_token with no running batch: call prefill (or add_rows) first")
+    B, S = check_step_inputs(input_ids, attention_mask, position_ids, backend.cache_len)
+    if B != backend.rows:
+        raise BackendUsageError(f"batch {B} differs from the running batch's {backend.rows} rows")
+    return B, S
+
+
+def check_room(capacity: tuple[int, int], rows: int, positions: int) -> None:
+    """capacity: the (rows, positions) given to reset."""
+    if rows > capacity[0] or positions > capacity[1]:
+        raise BackendUsageError(f"the cache holds {capacity[0]} rows x {capacity[1]} positions (reset); "
+                                f"got {rows} rows x {positions}")
+
+
+def check_row(backend: Backend, row: int) -> None:
+    if not 0 <= row < backend.rows:
+        raise BackendUsageError(f"row {row} is outside the running batch's {backend.rows} rows")
+
+
+def check_trim(backend: Backend, n: int) -> None:
+    if not 0 <= n <= backend.cache_len:
+        raise BackendUsageError(f"cannot trim {n} of {backend.cache_len} cached positions")
 
 
 # ---- helpers the backends' row operations share (views [rows, n_head, positions, head_dim])

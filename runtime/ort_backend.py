@@ -19,12 +19,15 @@ import torch
 from export.session import open_session, resolve_providers
 from model.artifact import KV_KINDS, TORCH_DTYPES, past_name, present_name, read_artifact
 from runtime.backend import (
-    NO_RUNNING_BATCH,
-    PREFILL_BEFORE_RESET,
-    PREFILL_ON_RUNNING_BATCH,
-    BackendUsageError,
     RowCache,
+    check_decode,
+    check_prefill,
+    check_prefill_rows,
+    check_reset,
+    check_room,
+    check_row,
     check_step_inputs,
+    check_trim,
     describe,
     shift_rows,
     write_rows,
@@ -51,7 +54,7 @@ class OnnxRuntimeBackend:
         self.dtype = self.kv_dtype = TORCH_DTYPES[self.spec.dtype]
         self.max_seq_len = self.spec.max_seq_len
         self.session = open_session(art.model_path, art.config, self.providers, threads, session_config)
-        self.rows = self.cache_len = self._capacity = 0
+        self.rows = self.cache_len = self._capacity = self._cap = 0  # _capacity x _cap: rows x positions (reset)
         # names bound at every run, worked out once (Python per step is per-token cost)
         self._kv_names = [(past_name(i, kind), present_name(i, kind))
                           for i in range(self.config.n_layer) for kind in KV_KINDS]
@@ -66,10 +69,7 @@ class OnnxRuntimeBackend:
                         intra_op_threads=self.session.get_session_options().intra_op_num_threads)
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
-        if max_seq_len > self.max_seq_len:
-            raise BackendUsageError(f"max_seq_len {max_seq_len} exceeds the artifact's {self.max_seq_len}")
-        if batch_size < 1:
-            raise BackendUsageError(f"batch_size must be >= 1, got {batch_size}")
+        check_reset(self, batch_size, max_seq_len)
         c = self.config
         n = batch_size * c.n_head * max_seq_len * c.head_dim
         # [ping/pong][layer][key/value] flat buffers; reused while they are large enough, and the
@@ -86,20 +86,13 @@ class OnnxRuntimeBackend:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        if not self._capacity:
-            raise BackendUsageError(PREFILL_BEFORE_RESET)
-        if self.rows or self.cache_len:
-            raise BackendUsageError(PREFILL_ON_RUNNING_BATCH)
-        self._check_room(*check_step_inputs(input_ids, attention_mask, position_ids, 0))
+        check_room((self._capacity, self._cap), *check_prefill(self, self._capacity > 0, input_ids, attention_mask,
+                                                              position_ids))
         return self._step(input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
-        if not self.rows:
-            raise BackendUsageError(NO_RUNNING_BATCH)
-        check_step_inputs(input_ids, attention_mask, position_ids, self.cache_len)
-        if input_ids.shape[0] != self.rows:
-            raise BackendUsageError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
+        check_decode(self, input_ids, attention_mask, position_ids)
         return self._step(input_ids, attention_mask, position_ids)
 
     # ---- row operations (runtime/backend.py). The running batch is dense in the current buffer,
@@ -107,9 +100,7 @@ class OnnxRuntimeBackend:
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
-        c, (n, T) = self.config, check_step_inputs(input_ids, attention_mask, position_ids, 0)
-        if T > self.max_seq_len:
-            raise BackendUsageError(f"sequence length {T} exceeds the artifact's max_seq_len {self.max_seq_len}")
+        c, (n, T) = self.config, check_prefill_rows(self, input_ids, attention_mask, position_ids)
         shape = (n, c.n_head, T, c.head_dim)
         layers = [(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(c.n_layer)]
@@ -122,7 +113,7 @@ class OnnxRuntimeBackend:
 
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
-        self._check_room(B + n, max(P, L))
+        check_room((self._capacity, self._cap), B + n, max(P, L))
         if L > P:
             self._relayout(L - P)
             P = L
@@ -132,8 +123,7 @@ class OnnxRuntimeBackend:
         self.rows, self.cache_len = B + n, P
 
     def release_row(self, row: int) -> None:
-        if not 0 <= row < self.rows:
-            raise BackendUsageError(f"row {row} is outside the running batch's {self.rows} rows")
+        check_row(self, row)
         last = self.rows - 1
         if row != last:
             for bufs in self._kv[self._cur]:
@@ -145,8 +135,7 @@ class OnnxRuntimeBackend:
             self.cache_len = 0
 
     def trim_left(self, n: int) -> None:
-        if not 0 <= n <= self.cache_len:
-            raise BackendUsageError(f"cannot trim {n} of {self.cache_len} cached positions")
+        check_trim(self, n)
         if n:
             self._relayout(-n)
 
@@ -162,11 +151,6 @@ class OnnxRuntimeBackend:
     def _view(self, buf: torch.Tensor, B: int, P: int) -> torch.Tensor:
         c = self.config
         return buf[:B * c.n_head * P * c.head_dim].view(B, c.n_head, P, c.head_dim)
-
-    def _check_room(self, B: int, P: int) -> None:
-        if B > self._capacity or P > self._cap:
-            raise BackendUsageError(f"the cache holds {self._capacity} rows x {self._cap} positions (reset); "
-                                    f"got {B} rows x {P}")
 
     def _bind(self, binding, name: str, t: torch.Tensor, shape: tuple[int, ...], output: bool = False) -> None:
         kind = "cpu" if t.device.type == "cpu" else "cuda"
@@ -201,7 +185,7 @@ class OnnxRuntimeBackend:
               position_ids: torch.Tensor) -> torch.Tensor:
         B, S = input_ids.shape
         P, T = self.cache_len, self.cache_len + S
-        self._check_room(B, T)
+        check_room((self._capacity, self._cap), B, T)
         c = self.config
         if self.spec.logits == "all":
             logits = torch.empty(B, S, c.vocab_size, dtype=torch.float32, device=self.device)

@@ -13,12 +13,14 @@ import torch
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
 from runtime.backend import (
-    NO_RUNNING_BATCH,
-    PREFILL_BEFORE_RESET,
-    PREFILL_ON_RUNNING_BATCH,
-    BackendUsageError,
     RowCache,
-    check_step_inputs,
+    check_decode,
+    check_prefill,
+    check_prefill_rows,
+    check_reset,
+    check_room,
+    check_row,
+    check_trim,
     describe,
     shift_rows,
     write_rows,
@@ -47,10 +49,7 @@ class TorchBackend:
         return describe(self, torch_threads=torch.get_num_threads())
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
-        if max_seq_len > self.max_seq_len:
-            raise BackendUsageError(f"max_seq_len {max_seq_len} exceeds the model's block_size {self.max_seq_len}")
-        if batch_size < 1:
-            raise BackendUsageError(f"batch_size must be >= 1, got {batch_size}")
+        check_reset(self, batch_size, max_seq_len)
         # Caches big enough are reused: positions are only read after this run wrote them (or, for rows
         # added by add_rows, after it zeroed them).
         with torch.inference_mode(False):  # caches that row operations outside inference mode may update
@@ -60,24 +59,16 @@ class TorchBackend:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        if not self._capacity[0]:
-            raise BackendUsageError(PREFILL_BEFORE_RESET)
-        if self.rows or self.cache_len:
-            raise BackendUsageError(PREFILL_ON_RUNNING_BATCH)
-        B, T = check_step_inputs(input_ids, attention_mask, position_ids, 0)
-        self._check_room(B, T)
+        B, T = check_prefill(self, self._capacity[0] > 0, input_ids, attention_mask, position_ids)
+        check_room(self._capacity, B, T)
         logits = self._forward(input_ids, attention_mask, position_ids, 0)
         self.rows, self.cache_len = B, T
         return logits
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
-        if not self.rows:
-            raise BackendUsageError(NO_RUNNING_BATCH)
-        check_step_inputs(input_ids, attention_mask, position_ids, self.cache_len)
-        if input_ids.shape[0] != self.rows:
-            raise BackendUsageError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
-        self._check_room(self.rows, self.cache_len + input_ids.shape[1])
+        check_decode(self, input_ids, attention_mask, position_ids)
+        check_room(self._capacity, self.rows, self.cache_len + input_ids.shape[1])
         logits = self._forward(input_ids, attention_mask, position_ids, self.cache_len)
         self.cache_len += input_ids.shape[1]
         return logits
@@ -87,8 +78,7 @@ class TorchBackend:
     @torch.inference_mode()
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
-        if check_step_inputs(input_ids, attention_mask, position_ids, 0)[1] > self.max_seq_len:
-            raise BackendUsageError(f"prefill of {input_ids.shape[1]} positions exceeds block_size {self.max_seq_len}")
+        check_prefill_rows(self, input_ids, attention_mask, position_ids)
         input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids)
         logits, present = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      last_logits_only=True)
@@ -97,7 +87,7 @@ class TorchBackend:
     @torch.inference_mode()
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
-        self._check_room(B + n, max(P, L))
+        check_room(self._capacity, B + n, max(P, L))
         if L > P:  # every running row gains L - P positions of left padding
             for buf in self._buffers():
                 shift_rows(buf[:B, :, :P].clone(), buf[:B, :, :L], L - P)
@@ -109,8 +99,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def release_row(self, row: int) -> None:
-        if not 0 <= row < self.rows:
-            raise BackendUsageError(f"row {row} is outside the running batch's {self.rows} rows")
+        check_row(self, row)
         last, P = self.rows - 1, self.cache_len
         if row != last:
             for buf in self._buffers():
@@ -121,9 +110,8 @@ class TorchBackend:
 
     @torch.inference_mode()
     def trim_left(self, n: int) -> None:
+        check_trim(self, n)
         B, P = self.rows, self.cache_len
-        if not 0 <= n <= P:
-            raise BackendUsageError(f"cannot trim {n} of {P} cached positions")
         if n:
             for buf in self._buffers():
                 shift_rows(buf[:B, :, :P].clone(), buf[:B, :, :P - n], -n)
@@ -131,12 +119,6 @@ class TorchBackend:
 
     def _buffers(self) -> list[torch.Tensor]:
         return [buf for kv in self.model.kv_caches() for buf in (kv.k_cache, kv.v_cache)]
-
-    def _check_room(self, B: int, end: int) -> None:
-        rows, positions = self._capacity
-        if B > rows or end > positions:
-            raise BackendUsageError(f"the cache holds {rows} rows x {positions} positions (reset); "
-                                    f"got {B} rows x {end}")
 
     def _inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # callers may hand CPU tensors (export/parity.verify_decode does); the loop already passes device ones

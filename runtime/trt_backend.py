@@ -41,12 +41,15 @@ from model.artifact import (
 from model.errors import ModelError
 from model.files import sha256_file
 from runtime.backend import (
-    NO_RUNNING_BATCH,
-    PREFILL_BEFORE_RESET,
-    PREFILL_ON_RUNNING_BATCH,
-    BackendUsageError,
     RowCache,
+    check_decode,
+    check_prefill,
+    check_prefill_rows,
+    check_reset,
+    check_room,
+    check_row,
     check_step_inputs,
+    check_trim,
     describe,
     shift_rows,
     write_rows,
@@ -119,10 +122,7 @@ class TensorRTBackend:
         return describe(self, variant=self.variant)
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
-        if not 1 <= batch_size <= self.max_batch:
-            raise BackendUsageError(f"batch {batch_size} is outside the engine's 1..{self.max_batch}")
-        if max_seq_len > self.max_seq_len:
-            raise BackendUsageError(f"max_seq_len {max_seq_len} exceeds the engine's {self.max_seq_len}")
+        check_reset(self, batch_size, max_seq_len)
         c, B, M = self.config, batch_size, self.max_seq_len
         with torch.cuda.stream(self.stream):
             if B > self.capacity:
@@ -144,20 +144,12 @@ class TensorRTBackend:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        if not self.capacity:
-            raise BackendUsageError(PREFILL_BEFORE_RESET)
-        if self.cache_len or self.rows:
-            raise BackendUsageError(PREFILL_ON_RUNNING_BATCH)
-        check_step_inputs(input_ids, attention_mask, position_ids, 0)
+        check_prefill(self, self.capacity > 0, input_ids, attention_mask, position_ids)
         return self._run(self._prefill, input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
-        if not self.rows:
-            raise BackendUsageError(NO_RUNNING_BATCH)
-        check_step_inputs(input_ids, attention_mask, position_ids, self.cache_len)
-        if input_ids.shape[0] != self.rows:
-            raise BackendUsageError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
+        check_decode(self, input_ids, attention_mask, position_ids)
         return self._run(self._decode, input_ids, attention_mask, position_ids)
 
     def _cache_names(self) -> list[str]:
@@ -168,9 +160,7 @@ class TensorRTBackend:
         """A step of the running batch: its cache, written in place (plugins) or into the other buffer."""
         B, S = input_ids.shape
         P, c = self.cache_len, self.config
-        if B > self.capacity or P + S > self.positions:
-            raise BackendUsageError(f"the cache holds {self.capacity} rows x {self.positions} positions (reset); "
-                                    f"got {B} rows x {P + S}")
+        check_room((self.capacity, self.positions), B, P + S)
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
         if self.static_cache:
             for name, t in self._cache.items():
@@ -235,9 +225,7 @@ class TensorRTBackend:
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
-        c, M, (n, T) = self.config, self.max_seq_len, check_step_inputs(input_ids, attention_mask, position_ids, 0)
-        if not 1 <= n <= self.max_batch or T > M:
-            raise BackendUsageError(f"prefill_rows of {n} x {T} is outside the engine's {self.max_batch} x {M}")
+        c, M, (n, T) = self.config, self.max_seq_len, check_prefill_rows(self, input_ids, attention_mask, position_ids)
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
         with torch.cuda.stream(self.stream):
             rows = M if self.manifest.logits == "all" else 1
@@ -264,9 +252,7 @@ class TensorRTBackend:
 
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
-        if B + n > self.capacity or max(P, L) > self.positions:
-            raise BackendUsageError(f"the cache holds {self.capacity} rows x {self.positions} positions (reset); "
-                                    f"got {B + n} rows x {max(P, L)}")
+        check_room((self.capacity, self.positions), B + n, max(P, L))
         with torch.cuda.stream(self.stream):
             if L > P:  # every running row gains L - P positions of left padding
                 self._shift(L - P)
@@ -277,8 +263,7 @@ class TensorRTBackend:
         self.rows, self.cache_len = B + n, P
 
     def release_row(self, row: int) -> None:
-        if not 0 <= row < self.rows:
-            raise BackendUsageError(f"row {row} is outside the running batch's {self.rows} rows")
+        check_row(self, row)
         last = self.rows - 1
         if row != last:
             with torch.cuda.stream(self.stream):
@@ -291,8 +276,7 @@ class TensorRTBackend:
             self.cache_len = 0
 
     def trim_left(self, n: int) -> None:
-        if not 0 <= n <= self.cache_len:
-            raise BackendUsageError(f"cannot trim {n} of {self.cache_len} cached positions")
+        check_trim(self, n)
         if n:
             with torch.cuda.stream(self.stream):
                 self._shift(-n)
