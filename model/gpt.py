@@ -118,7 +118,7 @@ class Block(nn.Module):
                 input_pos: int | None = None) -> tuple[torch.Tensor, KV]:
         """x + attn(ln_1(x)), then + mlp(ln_2(x)); returns the new x and this layer's keys/values over the whole
         context. Written as F.* calls on the sub-modules' parameters: one Python call per layer instead of
-        nine module calls, which is most of a small model's decode step on a CPU (docs/benchmarks.md)."""
+        nine module calls, whose per-call cost shows in a small model's CPU decode step."""
         B, T, C = x.shape
         attn, mlp, ln_1, ln_2 = self.attn, self.mlp, self.ln_1, self.ln_2
         H = attn.n_head
