@@ -1,6 +1,6 @@
 """Micro-benchmarks of the plugin kernels against PyTorch (GPU only).
 
-    python -m benchmarks.kernel_timing [--dtype float16|float32] [--head-dim 64] [--n-head 12] [--out FILE]
+    python -m benchmarks.kernel_timing [--dtype float16|float32] [--head-dim 64] [--n-head 12] [--out DIR]
 
 - prefill: Triton kv_attention (cache write + flash attention) vs torch: cache slice assignment +
   F.scaled_dot_product_attention with the same boolean mask
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", choices=tuple(TORCH_DTYPES), help="(default: %(default)s)")
     p.add_argument("--n-head", type=int, default=12, help="(default: %(default)s)")
     p.add_argument("--head-dim", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--out", metavar="FILE", help="also write the rows to this JSON file")
+    p.add_argument("--out", metavar="DIR", help="also write the rows to DIR/kernel_timing.json")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise ModelError(f"benchmarks.kernel_timing needs an NVIDIA GPU (torch {torch.__version__} sees none)")
@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kernel']:<20} {shape:<18} triton {r['triton_ms'] * 1e3:9.1f} us   "
               f"torch {r['torch_ms'] * 1e3:9.1f} us   x{r['speedup']:.2f}")
     if a.out:
-        write_atomic(Path(a.out), json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1).encode())
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        report = {"gpu": torch.cuda.get_device_name(), "rows": rows}
+        write_atomic(Path(a.out) / "kernel_timing.json", json.dumps(report, indent=1).encode())
     return 0
 
 

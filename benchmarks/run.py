@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime (default: their own "
                                                 "choice, one per core)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: %(default)s)")
     return p
 
 

@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: out/serve)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help="where the model and its ONNX export are kept between runs (default: artifacts/bench)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: %(default)s)")
     return p
 
 

@@ -555,7 +555,7 @@ def load_fields(creator, attributes: dict[str, Any]) -> list[PluginField]:
 
 
 def node_attributes(node) -> dict[str, Any]:
-    from onnx import helper
+    from onnx import helper  # lazy: the module itself needs only numpy (gpu_check's bare python3)
 
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -570,7 +570,7 @@ def build_plugin(node, inputs: list[Input], profile: dict[str, tuple[int, int, i
     set_tactics: pass these ids to setTactic instead of the advertised ones (a probe of the plugin's checks;
     TensorRT itself sets only advertised ids, or 0 when none are advertised: NvInferRuntime.h setTactic).
     """
-    import tensorrt as trt
+    import tensorrt as trt  # load() has put the stand-in (or the real one) in sys.modules
 
     attrs = node_attributes(node)
     namespace = attrs.get("plugin_namespace", b"")
@@ -647,6 +647,7 @@ def build_plugin(node, inputs: list[Input], profile: dict[str, tuple[int, int, i
 
 def graph_plugin_nodes(approximate: str = "tanh"):
     """(kv_attention node, bias_gelu node) from the plugin graph of a tiny model (export/plugins/graph_pass.py)."""
+    # lazy: the module itself needs only numpy (gpu_check's bare python3); this helper builds a real graph
     import torch
 
     from export.onnx_graph import build_gpt_graph
@@ -665,7 +666,7 @@ def graph_plugin_nodes(approximate: str = "tanh"):
 
 def with_attribute(node, name: str, value):
     """A copy of an ONNX node with one attribute set."""
-    import onnx
+    import onnx  # lazy: the module itself needs only numpy (gpu_check's bare python3)
 
     copy = onnx.NodeProto()
     copy.CopyFrom(node)

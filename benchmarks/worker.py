@@ -154,18 +154,11 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
         return open_reference_or_peer(spec)
     if name == "tensorrt":
         backend = open_tensorrt(spec)
-        return run_runtime, backend, {"name": backend.name, "device": "cuda", "variant": backend.variant}
+        return run_runtime, backend, backend.describe()
     src = spec["model_src"] if name == "torch" else spec["artifact"]
     threads = spec.get("threads") if name.startswith("ort-") else None  # torch's are set for the whole worker
     backend = open_backend(RUNTIME_BACKENDS[name], src, threads=threads)
-    info: dict[str, Any] = {"name": getattr(backend, "name", name), "device": str(backend.device)}
-    if hasattr(backend, "providers"):
-        info["providers"] = backend.providers
-    if hasattr(backend, "session"):  # 0 = onnxruntime's default: one thread per physical core
-        info["intra_op_threads"] = backend.session.get_session_options().intra_op_num_threads
-    else:
-        info["torch_threads"] = torch.get_num_threads()
-    return run_runtime, backend, info
+    return run_runtime, backend, backend.describe()
 
 
 def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:

@@ -1,6 +1,6 @@
-"""The small interface every backend implements (names after gpt-fast).
+"""The small interface every backend implements (names after gpt-fast), and its one error type.
 
-A backend owns its KV cache. The shared generation loop (runtime/generation.py) calls
+A backend owns its KV cache. The shared generation loop (runtime/loop.py) calls
 `reset` once per batch, then `prefill` with the (left-padded) prompt, then
 `decode_one_token` per new token. It builds attention_mask and position_ids itself, so
 every backend sees exactly the same inputs:
@@ -27,20 +27,30 @@ it passes, and zeroes nothing it reads. Four operations change the running batch
   cache_len reaches the capacity given to reset.
 
 `reset(capacity, max_seq_len)` empties the running batch and makes room for `capacity` rows of
-`max_seq_len` positions; `prefill` fills the empty batch with its input's rows. Positions a row
-never wrote are left padding to the caller; backends fill them with zeros or with earlier finite
-values, never with uninitialised memory (a masked key still multiplies its value by 0).
+`max_seq_len` positions; `prefill` fills the empty batch with its input's rows (a second prefill
+needs a reset first). Positions a row never wrote are left padding to the caller; backends fill
+them with zeros or with earlier finite values, never with uninitialised memory (a masked key still
+multiplies its value by 0).
+
+Misuse (a call out of order, a shape that does not fit, more rows or positions than reset made room
+for, a row that does not exist) raises BackendUsageError on every backend, before any work.
+tests/test_backend_conformance.py runs the same checks on each.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from model.config import GPTConfig
+from model.errors import ModelError
 from model.tokenizer import Tokenizer
+
+
+class BackendUsageError(ModelError):
+    """A backend called out of order or with inputs that do not fit (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +69,19 @@ class RowCache:
         return self.layers[0][0].shape[2]
 
 
+@runtime_checkable
 class Backend(Protocol):
-    name: str
+    name: str  # e.g. "torch", "onnxruntime-cpu", "tensorrt"
     config: GPTConfig
     tokenizer: Tokenizer
-    device: torch.device
+    device: torch.device  # where the inputs go and the logits come from
+    dtype: torch.dtype  # of the KV cache (and of the weights, except quantized graphs')
+    max_seq_len: int  # the most positions a row may hold: block_size, or what the artifact / engine was built for
+    max_batch: int | None  # the most rows reset may ask for (a TensorRT engine's profiles), None: memory decides
+
+    def describe(self) -> dict[str, Any]:
+        """How this backend runs, for a benchmark's JSON: name, device, dtype and its runtime's own settings
+        (torch threads; onnxruntime providers and intra-op threads; a TensorRT engine's variant)."""
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         """Drop any cache; room for batch_size rows of up to max_seq_len positions. The running batch
@@ -91,6 +109,81 @@ class Backend(Protocol):
 
     def trim_left(self, n: int) -> None:
         """Drop the first n cached positions of every row of the running batch."""
+
+
+def check_step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                      past: int) -> tuple[int, int]:
+    """A step's inputs over `past` cached positions: input_ids and position_ids [B, S], attention_mask
+    [B, past + S], B and S >= 1. -> (B, S)."""
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise BackendUsageError(f"input_ids must be [batch, seq] with batch, seq >= 1, got {list(input_ids.shape)}")
+    B, S = input_ids.shape
+    if tuple(attention_mask.shape) != (B, past + S) or tuple(position_ids.shape) != (B, S):
+        raise BackendUsageError(f"attention_mask must be [{B}, {past + S}] and position_ids [{B}, {S}], got "
+                                f"{list(attention_mask.shape)} and {list(position_ids.shape)}")
+    return B, S
+
+
+def describe(backend: Backend, **settings: Any) -> dict[str, Any]:
+    """Backend.describe's common part (name, device, dtype) and a backend's own settings."""
+    return {"name": backend.name, "device": str(backend.device), "dtype": str(backend.dtype).removeprefix("torch."),
+            **settings}
+
+
+def check_reset(backend: Backend, batch_size: int, max_seq_len: int) -> None:
+    """reset's arguments: 1..max_batch rows (any number without one), 1..max_seq_len positions."""
+    if batch_size < 1 or (backend.max_batch is not None and batch_size > backend.max_batch):
+        raise BackendUsageError(f"batch_size {batch_size} is outside 1..{backend.max_batch or 'any'} ({backend.name})")
+    if not 1 <= max_seq_len <= backend.max_seq_len:
+        raise BackendUsageError(f"max_seq_len {max_seq_len} is outside 1..{backend.max_seq_len} ({backend.name})")
+
+
+def check_prefill_rows(backend: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor) -> tuple[int, int]:
+    """prefill_rows's inputs: shapes, and rows x positions within max_batch x max_seq_len. -> (rows, positions)"""
+    n, T = check_step_inputs(input_ids, attention_mask, position_ids, 0)
+    if T > backend.max_seq_len or (backend.max_batch is not None and n > backend.max_batch):
+        raise BackendUsageError(f"prefill_rows of {n} rows x {T} positions exceeds {backend.max_batch or 'any'} rows "
+                                f"x {backend.max_seq_len} positions ({backend.name})")
+    return n, T
+
+
+def check_prefill(backend: Backend, reset_done: bool, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor) -> tuple[int, int]:
+    """prefill's preconditions: reset called, the running batch empty, the inputs' shapes. -> (B, S)"""
+    if not reset_done:
+        raise BackendUsageError("call reset(batch_size, max_seq_len) before prefill")
+    if backend.rows or backend.cache_len:
+        raise BackendUsageError("prefill on a running batch: call reset() first")
+    return check_step_inputs(input_ids, attention_mask, position_ids, 0)
+
+
+def check_decode(backend: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> tuple[int, int]:
+    """decode_one_token's preconditions: a running batch, inputs of its rows over its cached positions. -> (B, S)"""
+    if not backend.rows:
+        raise BackendUsageError("decode_one_token with no running batch: call prefill (or add_rows) first")
+    B, S = check_step_inputs(input_ids, attention_mask, position_ids, backend.cache_len)
+    if B != backend.rows:
+        raise BackendUsageError(f"batch {B} differs from the running batch's {backend.rows} rows")
+    return B, S
+
+
+def check_room(capacity: tuple[int, int], rows: int, positions: int) -> None:
+    """capacity: the (rows, positions) given to reset."""
+    if rows > capacity[0] or positions > capacity[1]:
+        raise BackendUsageError(f"the cache holds {capacity[0]} rows x {capacity[1]} positions (reset); "
+                                f"got {rows} rows x {positions}")
+
+
+def check_row(backend: Backend, row: int) -> None:
+    if not 0 <= row < backend.rows:
+        raise BackendUsageError(f"row {row} is outside the running batch's {backend.rows} rows")
+
+
+def check_trim(backend: Backend, n: int) -> None:
+    if not 0 <= n <= backend.cache_len:
+        raise BackendUsageError(f"cannot trim {n} of {backend.cache_len} cached positions")
 
 
 # ---- helpers the backends' row operations share (views [rows, n_head, positions, head_dim])

@@ -104,8 +104,8 @@ def context_limit(backend: Backend) -> tuple[int, str]:
     """The most tokens (prompt + new) a sequence may hold on this backend, and what sets it:
     the model's block_size, or a smaller max_seq_len an artifact or engine was built for."""
     block_size = backend.config.block_size
-    built_for = getattr(backend, "max_seq_len", None)
-    if isinstance(built_for, int) and built_for < block_size:
+    built_for = backend.max_seq_len
+    if built_for < block_size:
         return built_for, f"the {backend.name} artifact's max_seq_len {built_for}"
     return block_size, f"the model's block_size {block_size}"
 

@@ -18,13 +18,27 @@ import torch
 
 from export.session import open_session, resolve_providers
 from model.artifact import KV_KINDS, TORCH_DTYPES, past_name, present_name, read_artifact
-from model.errors import ModelError
-from runtime.backend import RowCache, shift_rows, write_rows
+from runtime.backend import (
+    RowCache,
+    check_decode,
+    check_prefill,
+    check_prefill_rows,
+    check_reset,
+    check_room,
+    check_row,
+    check_step_inputs,
+    check_trim,
+    describe,
+    shift_rows,
+    write_rows,
+)
 
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}  # for IO binding
 
 
 class OnnxRuntimeBackend:
+    max_batch = None  # as many rows as memory holds
+
     def __init__(self, artifact_dir: str | os.PathLike, providers: list[str] | str | None = None,
                  threads: int | None = None, verify_hashes: bool = True,
                  session_config: dict[str, str] | None = None) -> None:
@@ -37,10 +51,10 @@ class OnnxRuntimeBackend:
         self.name = "onnxruntime-" + ("cpu" if self.providers[0] == "CPUExecutionProvider" else
                                       "cuda" if self.providers[0] == "CUDAExecutionProvider" else "tensorrt")
         self.device = torch.device("cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda")
-        self.kv_dtype = TORCH_DTYPES[self.spec.dtype]
+        self.dtype = self.kv_dtype = TORCH_DTYPES[self.spec.dtype]
         self.max_seq_len = self.spec.max_seq_len
         self.session = open_session(art.model_path, art.config, self.providers, threads, session_config)
-        self.rows = self.cache_len = self._capacity = 0
+        self.rows = self.cache_len = self._capacity = self._cap = 0  # _capacity x _cap: rows x positions (reset)
         # names bound at every run, worked out once (Python per step is per-token cost)
         self._kv_names = [(past_name(i, kind), present_name(i, kind))
                           for i in range(self.config.n_layer) for kind in KV_KINDS]
@@ -49,9 +63,13 @@ class OnnxRuntimeBackend:
         self._no_past = torch.zeros(1, dtype=self.kv_dtype, device=self.device)  # a real address for past 0
         self._logits = torch.empty(0, 1, self.config.vocab_size, dtype=torch.float32, device=self.device)
 
+    def describe(self) -> dict:
+        # intra-op threads 0 = onnxruntime's default: one thread per physical core
+        return describe(self, providers=self.providers,
+                        intra_op_threads=self.session.get_session_options().intra_op_num_threads)
+
     def reset(self, batch_size: int, max_seq_len: int) -> None:
-        if max_seq_len > self.max_seq_len:
-            raise ModelError(f"max_seq_len {max_seq_len} exceeds the artifact's {self.max_seq_len}")
+        check_reset(self, batch_size, max_seq_len)
         c = self.config
         n = batch_size * c.n_head * max_seq_len * c.head_dim
         # [ping/pong][layer][key/value] flat buffers; reused while they are large enough, and the
@@ -68,18 +86,13 @@ class OnnxRuntimeBackend:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        if not self._capacity:
-            raise ModelError("call reset(batch_size, max_seq_len) before prefill")
-        self.rows = self.cache_len = self._cur = 0
-        B = input_ids.shape[0]
-        if B > self._capacity:
-            raise ModelError(f"batch {B} exceeds reset's {self._capacity}")
+        check_room((self._capacity, self._cap), *check_prefill(self, self._capacity > 0, input_ids, attention_mask,
+                                                              position_ids))
         return self._step(input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[0] != self.rows:
-            raise ModelError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
+        check_decode(self, input_ids, attention_mask, position_ids)
         return self._step(input_ids, attention_mask, position_ids)
 
     # ---- row operations (runtime/backend.py). The running batch is dense in the current buffer,
@@ -87,9 +100,7 @@ class OnnxRuntimeBackend:
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
-        c, (n, T) = self.config, input_ids.shape
-        if T > self.max_seq_len:
-            raise ModelError(f"sequence length {T} exceeds the artifact's max_seq_len {self.max_seq_len}")
+        c, (n, T) = self.config, check_prefill_rows(self, input_ids, attention_mask, position_ids)
         shape = (n, c.n_head, T, c.head_dim)
         layers = [(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(c.n_layer)]
@@ -102,7 +113,7 @@ class OnnxRuntimeBackend:
 
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
-        self._check_room(B + n, max(P, L))
+        check_room((self._capacity, self._cap), B + n, max(P, L))
         if L > P:
             self._relayout(L - P)
             P = L
@@ -112,8 +123,7 @@ class OnnxRuntimeBackend:
         self.rows, self.cache_len = B + n, P
 
     def release_row(self, row: int) -> None:
-        if not 0 <= row < self.rows:
-            raise IndexError(f"row {row} is outside the running batch's {self.rows} rows")
+        check_row(self, row)
         last = self.rows - 1
         if row != last:
             for bufs in self._kv[self._cur]:
@@ -125,8 +135,7 @@ class OnnxRuntimeBackend:
             self.cache_len = 0
 
     def trim_left(self, n: int) -> None:
-        if not 0 <= n <= self.cache_len:
-            raise ValueError(f"cannot trim {n} of {self.cache_len} cached positions")
+        check_trim(self, n)
         if n:
             self._relayout(-n)
 
@@ -143,11 +152,6 @@ class OnnxRuntimeBackend:
         c = self.config
         return buf[:B * c.n_head * P * c.head_dim].view(B, c.n_head, P, c.head_dim)
 
-    def _check_room(self, B: int, P: int) -> None:
-        if B > self._capacity or P > self._cap:
-            raise ModelError(f"the cache holds {self._capacity} rows x {self._cap} positions (reset); "
-                             f"got {B} rows x {P}")
-
     def _bind(self, binding, name: str, t: torch.Tensor, shape: tuple[int, ...], output: bool = False) -> None:
         kind = "cpu" if t.device.type == "cpu" else "cuda"
         index = t.device.index or 0
@@ -160,8 +164,7 @@ class OnnxRuntimeBackend:
         """One graph run: past (P positions) and present (P + seq) per layer at their buffers' starts."""
         B, S = input_ids.shape
         T = P + S
-        if tuple(attention_mask.shape) != (B, T) or tuple(position_ids.shape) != (B, S):
-            raise ModelError(f"attention_mask must be [{B}, {T}] and position_ids [{B}, {S}]")
+        check_step_inputs(input_ids, attention_mask, position_ids, P)
         c = self.config
         feeds = [t.to(self.device, torch.int64).contiguous() for t in (input_ids, attention_mask, position_ids)]
         for name, t in zip(("input_ids", "attention_mask", "position_ids"), feeds):
@@ -182,8 +185,7 @@ class OnnxRuntimeBackend:
               position_ids: torch.Tensor) -> torch.Tensor:
         B, S = input_ids.shape
         P, T = self.cache_len, self.cache_len + S
-        if T > self._cap:
-            raise ModelError(f"sequence length {T} exceeds max_seq_len {self._cap} given to reset")
+        check_room((self._capacity, self._cap), B, T)
         c = self.config
         if self.spec.logits == "all":
             logits = torch.empty(B, S, c.vocab_size, dtype=torch.float32, device=self.device)

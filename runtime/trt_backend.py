@@ -40,7 +40,20 @@ from model.artifact import (
 )
 from model.errors import ModelError
 from model.files import sha256_file
-from runtime.backend import RowCache, shift_rows, write_rows
+from runtime.backend import (
+    RowCache,
+    check_decode,
+    check_prefill,
+    check_prefill_rows,
+    check_reset,
+    check_room,
+    check_row,
+    check_step_inputs,
+    check_trim,
+    describe,
+    shift_rows,
+    write_rows,
+)
 
 
 class TensorRTBackend:
@@ -91,6 +104,7 @@ class TensorRTBackend:
         self._no_past = torch.zeros(1, dtype=self.dtype, device=self.device)  # a real address for a 0-length past
         self._scratch: dict[str, torch.Tensor] = {}  # static-cache engines: prefill_rows' own cache
         self.capacity = 0
+        self.positions = 0  # max_seq_len given to reset (the buffers always hold the engine's)
         self.rows = 0
         self.cache_len = 0
 
@@ -104,11 +118,11 @@ class TensorRTBackend:
         raise ModelError(f"{self.artifact_dir}: no TensorRT engine ({wanted}); "
                          f"build one with python -m export.trt --model {self.artifact_dir}")
 
+    def describe(self) -> dict:
+        return describe(self, variant=self.variant)
+
     def reset(self, batch_size: int, max_seq_len: int) -> None:
-        if not 1 <= batch_size <= self.max_batch:
-            raise ModelError(f"batch {batch_size} is outside the engine's 1..{self.max_batch}")
-        if max_seq_len > self.max_seq_len:
-            raise ModelError(f"max_seq_len {max_seq_len} exceeds the engine's {self.max_seq_len}")
+        check_reset(self, batch_size, max_seq_len)
         c, B, M = self.config, batch_size, self.max_seq_len
         with torch.cuda.stream(self.stream):
             if B > self.capacity:
@@ -125,18 +139,17 @@ class TensorRTBackend:
                                  for i in range(c.n_layer) for kind in ("key", "value")} for _ in range(2)]
                 self.capacity = B
         self._current = 0
+        self.positions = max_seq_len
         self.rows = self.cache_len = 0
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        if self.cache_len or self.rows:
-            raise RuntimeError("prefill after decode: call reset() first")
+        check_prefill(self, self.capacity > 0, input_ids, attention_mask, position_ids)
         return self._run(self._prefill, input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[0] != self.rows:
-            raise RuntimeError(f"batch {input_ids.shape[0]} differs from the running batch's {self.rows} rows")
+        check_decode(self, input_ids, attention_mask, position_ids)
         return self._run(self._decode, input_ids, attention_mask, position_ids)
 
     def _cache_names(self) -> list[str]:
@@ -147,9 +160,7 @@ class TensorRTBackend:
         """A step of the running batch: its cache, written in place (plugins) or into the other buffer."""
         B, S = input_ids.shape
         P, c = self.cache_len, self.config
-        if B > self.capacity or P + S > self.max_seq_len:
-            raise RuntimeError(f"engine buffers hold batch {self.capacity} x {self.max_seq_len} positions; got batch "
-                               f"{B} up to {P + S}: call reset() with the right sizes")
+        check_room((self.capacity, self.positions), B, P + S)
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
         if self.static_cache:
             for name, t in self._cache.items():
@@ -171,9 +182,7 @@ class TensorRTBackend:
                  logits_buf: torch.Tensor) -> torch.Tensor:
         """Stage ids/mask/positions, bind `tensors` (name -> (tensor, its input shape, or None for an
         output)), run the engine on self.stream and wait: -> last-position logits [B, vocab] (a copy)."""
-        B, S = input_ids.shape
-        if attention_mask.shape != (B, P + S):
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected {(B, P + S)}")
+        B, S = check_step_inputs(input_ids, attention_mask, position_ids, P)
         ctx = self.contexts[phase]
         bound: set[str] = set()
 
@@ -216,9 +225,7 @@ class TensorRTBackend:
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
-        c, M, (n, T) = self.config, self.max_seq_len, input_ids.shape
-        if not 1 <= n <= self.max_batch or T > M:
-            raise RuntimeError(f"prefill_rows of {n} x {T} is outside the engine's {self.max_batch} x {M}")
+        c, M, (n, T) = self.config, self.max_seq_len, check_prefill_rows(self, input_ids, attention_mask, position_ids)
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
         with torch.cuda.stream(self.stream):
             rows = M if self.manifest.logits == "all" else 1
@@ -245,9 +252,7 @@ class TensorRTBackend:
 
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
-        if B + n > self.capacity or max(P, L) > self.max_seq_len:
-            raise RuntimeError(f"engine buffers hold {self.capacity} rows x {self.max_seq_len} positions; "
-                               f"got {B + n} rows x {max(P, L)}")
+        check_room((self.capacity, self.positions), B + n, max(P, L))
         with torch.cuda.stream(self.stream):
             if L > P:  # every running row gains L - P positions of left padding
                 self._shift(L - P)
@@ -258,8 +263,7 @@ class TensorRTBackend:
         self.rows, self.cache_len = B + n, P
 
     def release_row(self, row: int) -> None:
-        if not 0 <= row < self.rows:
-            raise IndexError(f"row {row} is outside the running batch's {self.rows} rows")
+        check_row(self, row)
         last = self.rows - 1
         if row != last:
             with torch.cuda.stream(self.stream):
@@ -272,8 +276,7 @@ class TensorRTBackend:
             self.cache_len = 0
 
     def trim_left(self, n: int) -> None:
-        if not 0 <= n <= self.cache_len:
-            raise ValueError(f"cannot trim {n} of {self.cache_len} cached positions")
+        check_trim(self, n)
         if n:
             with torch.cuda.stream(self.stream):
                 self._shift(-n)

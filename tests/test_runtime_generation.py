@@ -84,7 +84,7 @@ def test_torch_backend_runs_a_half_precision_model():
     model = GPT(GPTConfig.preset("tiny", vocab_size=len(CHARS))).eval()
     backend = TorchBackend(model.half(), char_tokenizer(CHARS))
     result = generate(backend, [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, greedy=True))
-    assert backend.k_cache[0].dtype == torch.float16 and all(len(t) == 4 for t in result.tokens)
+    assert backend.model.kv_caches()[0].k_cache.dtype == torch.float16 and all(len(t) == 4 for t in result.tokens)
 
 def test_greedy_matches_transformers_generate(tmp_path):
     """A reference nobody here wrote: HF GPT2LMHeadModel.generate on a left-padded batch."""
@@ -191,7 +191,8 @@ class ScriptedBackend:
         self.scripts, self.tokenizer = scripts, tokenizer
         self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=block_size,
                                 vocab_size=tokenizer.n_vocab + 3)
-        self.device = torch.device("cpu")
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.max_seq_len, self.max_batch = block_size, None  # the Backend protocol's declared attributes
         self.calls: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def reset(self, batch_size: int, max_seq_len: int) -> None:
