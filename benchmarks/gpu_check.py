@@ -278,11 +278,6 @@ def section_torch_backend(ctx: dict) -> dict:
     from runtime.loop import SamplingParams, generate
     from runtime.torch_backend import TorchBackend
 
-    class Backend(TorchBackend):  # verify_decode sizes its run from max_seq_len
-        @property
-        def max_seq_len(self) -> int:
-            return self.config.block_size
-
     device = ctx.get("device", "cuda")
     model, tok = load_model("demo")
     prompts = [tok.encode(p) for p in GREEDY_PROMPTS]
@@ -290,7 +285,7 @@ def section_torch_backend(ctx: dict) -> dict:
     reference = generate(TorchBackend(model, tok, "cpu"), prompts, greedy).tokens
     rows, problems = [], []
     for dtype_name, dtype in (("float32", torch.float32), ("float16", torch.float16)):
-        backend = Backend(load_model("demo")[0].to(dtype), tok, device)
+        backend = TorchBackend(load_model("demo")[0].to(dtype), tok, device)
         parity = verify_decode(model, backend, n_vocab=tok.n_vocab, steps=32)
         bound = max_abs_bound(dtype_name, parity["ref_absmax"])
         generate(backend, prompts, greedy)  # warm-up

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=tuple(QUANT_BITS), help="weight-only quantization of every Linear and lm_head")
     p.add_argument("--quant-block", type=int,
                    help=f"input features per quantization block (power of two >= 16; default: {DEFAULT_QUANT_BLOCK}; "
-                        "TensorRT's INT4 needs 64 or 128)")
+                        "ONNX Runtime only: export.trt refuses quantized artifacts)")
     p.add_argument("--quality-seqs", type=int, default=16,
                    help="held-out windows scored by a quantized export's verify (default: %(default)s)")
     a = p.parse_args(argv)

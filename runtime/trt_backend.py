@@ -6,7 +6,9 @@ optimization profile (0 = prefill, 1 = decode), so no profile switch happens bet
 
 - plugin engine: the cache is static, [batch, n_head, max_seq, head_dim] per layer; cache.{i}.*
   and its aliased output cache_out.{i}.* are bound to the same address and the attention plugin
-  writes each step's keys/values in place.
+  writes each step's keys/values into it. Whether TensorRT keeps that in place at the network boundary
+  is not documented ("TensorRT may insert copies", NvInferRuntime.h getAliasedInput); the GPU check's
+  tensorrt_aliasing section measures it (docs/tensorrt.md).
 - native engine: past/present as in the ONNX export; two flat buffers per layer and kind, present
   written straight into the other buffer, which becomes the next step's past (no copies). A zero-length
   past (prefill) still gets a real, non-null address.
@@ -78,7 +80,7 @@ class TensorRTBackend:
         if not plan_path.is_file() or sha256_file(plan_path) != manifest.plan["sha256"]:
             raise ModelError(f"{plan_path}: missing or does not match its manifest; rebuild with python -m export.trt")
         if manifest.plugins:
-            import export.plugins.register  # noqa: F401 - AOT kernels are in the plan; JIT (aot=0) nodes need this
+            import export.plugins.register  # noqa: F401 - creators for test-only JIT (aot=0) nodes
 
         self.manifest = manifest
         self.variant = manifest.variant
