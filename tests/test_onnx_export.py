@@ -240,7 +240,7 @@ def test_backend_rejects_misuse(fused):
     b.reset(1, 3)
     b.prefill(ids, torch.ones_like(ids), torch.arange(2)[None])
     b.decode_one_token(ids[:, :1], torch.ones(1, 3, dtype=torch.int64), torch.tensor([[2]]))
-    with pytest.raises(ModelError, match="exceeds max_seq_len"):
+    with pytest.raises(ModelError, match=r"the cache holds 1 rows x 3 positions \(reset\); got 1 rows x 4"):
         b.decode_one_token(ids[:, :1], torch.ones(1, 4, dtype=torch.int64), torch.tensor([[3]]))
     with pytest.raises(ModelError, match="no CUDAExecutionProvider|no TensorrtExecutionProvider") as e:
         OnnxRuntimeBackend(fused, providers="tensorrt")
