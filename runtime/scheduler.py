@@ -7,8 +7,10 @@ Each iteration (`Scheduler.step`):
    that prompt alone), its first token sampled, and its cache placed beside the running rows
    (`add_rows`: left padding, per-row positions);
 3. one decode step for the whole running batch: every row feeds its last token at its own position;
-   when the shared padded length reaches the cache's capacity, the padding every row has in
-   common is dropped first (`trim_left`);
+   the padding every row has in common is dropped first (`trim_left`) once it is a quarter of the
+   cached length or the cache is full: every step reads and copies all cached positions of every row,
+   so without it a long-running server would decode at the cost of its longest-ever shared length
+   (rows come and go, the shared length only grows), while a trim copies the live part once;
 4. rows whose context is full (sliding_window requests only: nanoGPT's sample.py) re-run their last
    `limit` tokens together, outside the cached batch (runtime/loop.py states the cost);
 5. each row samples with its own parameters and generator, streams its text, and a finished row
@@ -34,6 +36,8 @@ from runtime.backend import Backend
 from runtime.loop import SamplingParams, StopStringScanner, context_limit, sample_next, window_inputs
 
 FINISH_REASONS = ("eot", "stop", "length", "cancelled", "error")
+
+TRIM_SHARE = 4  # trim_left once the padding common to all rows is >= 1/TRIM_SHARE of the cached length
 
 
 class QueueFull(RuntimeError):
@@ -162,8 +166,9 @@ class Scheduler:
             return admitted
         logits = []
         if batch:
-            if b.cache_len + 1 > self.limit:  # drop the left padding every row has
-                b.trim_left(b.cache_len - max(r.cached for r in batch))
+            common = b.cache_len - max(r.cached for r in batch)  # left padding every row has
+            if common and (b.cache_len + 1 > self.limit or TRIM_SHARE * common >= b.cache_len):
+                b.trim_left(common)
             P = b.cache_len
             cached = torch.tensor([r.cached for r in batch])
             ids = torch.tensor([[r.seq[-1]] for r in batch])
