@@ -26,7 +26,6 @@ from runtime.backend import (
     check_reset,
     check_room,
     check_row,
-    check_step_inputs,
     check_trim,
     describe,
     shift_rows,
@@ -54,7 +53,8 @@ class OnnxRuntimeBackend:
         self.dtype = self.kv_dtype = TORCH_DTYPES[self.spec.dtype]
         self.max_seq_len = self.spec.max_seq_len
         self.session = open_session(art.model_path, art.config, self.providers, threads, session_config)
-        self.rows = self.cache_len = self._capacity = self._cap = 0  # _capacity x _cap: rows x positions (reset)
+        self.rows = self.cache_len = 0
+        self._capacity = (0, 0)  # (rows, positions) given to reset
         # names bound at every run, worked out once (Python per step is per-token cost)
         self._kv_names = [(past_name(i, kind), present_name(i, kind))
                           for i in range(self.config.n_layer) for kind in KV_KINDS]
@@ -80,14 +80,13 @@ class OnnxRuntimeBackend:
                          for _ in range(c.n_layer)] for _ in range(2)]
         if self._logits.shape[0] < batch_size:
             self._logits = torch.empty(batch_size, 1, c.vocab_size, dtype=torch.float32, device=self.device)
-        self._capacity, self._cap = batch_size, max_seq_len
+        self._capacity = (batch_size, max_seq_len)
         self.rows = self.cache_len = self._cur = 0
         self._binding = self.session.io_binding()
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        check_room((self._capacity, self._cap), *check_prefill(self, self._capacity > 0, input_ids, attention_mask,
-                                                              position_ids))
+        check_prefill(self, self._capacity[0] > 0, input_ids, attention_mask, position_ids)  # _step checks room
         return self._step(input_ids, attention_mask, position_ids)
 
     def decode_one_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -113,7 +112,7 @@ class OnnxRuntimeBackend:
 
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
-        check_room((self._capacity, self._cap), B + n, max(P, L))
+        check_room(self._capacity, B + n, max(P, L))
         if L > P:
             self._relayout(L - P)
             P = L
@@ -161,10 +160,10 @@ class OnnxRuntimeBackend:
     def _run(self, binding, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
              past: list[tuple[torch.Tensor, torch.Tensor]], P: int, present: list[tuple[torch.Tensor, torch.Tensor]],
              logits: torch.Tensor) -> None:
-        """One graph run: past (P positions) and present (P + seq) per layer at their buffers' starts."""
+        """One graph run: past (P positions) and present (P + seq) per layer at their buffers' starts. The
+        callers checked the inputs' shapes (check_prefill / check_decode / check_prefill_rows)."""
         B, S = input_ids.shape
         T = P + S
-        check_step_inputs(input_ids, attention_mask, position_ids, P)
         c = self.config
         feeds = [t.to(self.device, torch.int64).contiguous() for t in (input_ids, attention_mask, position_ids)]
         for name, t in zip(("input_ids", "attention_mask", "position_ids"), feeds):
@@ -185,7 +184,7 @@ class OnnxRuntimeBackend:
               position_ids: torch.Tensor) -> torch.Tensor:
         B, S = input_ids.shape
         P, T = self.cache_len, self.cache_len + S
-        check_room((self._capacity, self._cap), B, T)
+        check_room(self._capacity, B, T)
         c = self.config
         if self.spec.logits == "all":
             logits = torch.empty(B, S, c.vocab_size, dtype=torch.float32, device=self.device)

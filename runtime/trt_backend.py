@@ -50,7 +50,6 @@ from runtime.backend import (
     check_reset,
     check_room,
     check_row,
-    check_step_inputs,
     check_trim,
     describe,
     shift_rows,
@@ -183,8 +182,9 @@ class TensorRTBackend:
                  position_ids: torch.Tensor, P: int, tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]],
                  logits_buf: torch.Tensor) -> torch.Tensor:
         """Stage ids/mask/positions, bind `tensors` (name -> (tensor, its input shape, or None for an
-        output)), run the engine on self.stream and wait: -> last-position logits [B, vocab] (a copy)."""
-        B, S = check_step_inputs(input_ids, attention_mask, position_ids, P)
+        output)), run the engine on self.stream and wait: -> last-position logits [B, vocab] (a copy). The callers
+        checked the inputs' shapes (check_prefill / check_decode / check_prefill_rows)."""
+        B, S = input_ids.shape
         ctx = self.contexts[phase]
         bound: set[str] = set()
 
