@@ -180,7 +180,8 @@ async def run_clients(url: str, clients: int, duration: float, prompts: list[lis
             while time.perf_counter() < deadline:  # bounded: no new request after the deadline
                 k = i + n * clients
                 body = {"model": model, "prompt": prompts[k % len(prompts)], "max_tokens": lengths[k % len(lengths)],
-                        "temperature": 0, "ignore_eos": True, "stream": True}
+                        "temperature": 0, "ignore_eos": True, "stream": True,
+                        "stream_options": {"include_usage": True}}
                 record: dict = {"client": i}
                 records.append(record)
                 try:

@@ -307,6 +307,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
                                'shorten the prompt, or send "sliding_window": true to condition each token on the '
                                f"last {scheduler.limit} tokens as nanoGPT's sample.py does", "max_tokens",
                                "context_length_exceeded")
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
         if len(prompts) * req.n > MAX_CHOICES:
             raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than {MAX_CHOICES} completions", "n")
         bridge = _Bridge(asyncio.get_running_loop(), metrics)
@@ -345,6 +347,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
             return ApiError(500, f"generation failed: {c.error}")
 
         if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+
             async def events():
                 sent, open_rows = [0] * len(rows), len(rows)
                 try:
@@ -368,7 +372,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
                             yield b"".join(map(_sse, chunks))
                     e = failure()
                     if e is None:
-                        yield _sse({**head, "choices": [], "usage": final_usage()})
+                        if include_usage:  # OpenAI sends it only when asked: clients index choices[0]
+                            yield _sse({**head, "choices": [], "usage": final_usage()})
                     else:
                         yield _sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}})
                     yield format_sse_event(data_str="[DONE]")

@@ -82,9 +82,9 @@ def test_concurrent_requests_of_different_lengths_each_equal_generate_alone(clie
         assert text == alone(demo, prompt, n), prompt
 
 
-def test_streaming_sends_text_then_finish_then_usage(client, demo):
+def test_streaming_sends_text_then_finish_then_usage_only_when_asked(client, demo):
     chunks = list(client.completions.create(model="demo", prompt="JULIET:\n", max_tokens=40, temperature=0,
-                                            stream=True))
+                                            stream=True, stream_options={"include_usage": True}))
     text_chunks = [c for c in chunks if c.choices]
     assert len(text_chunks) > 5  # streamed as produced, not in one piece
     assert "".join(c.choices[0].text for c in text_chunks) == alone(demo, "JULIET:\n", 40)
@@ -92,6 +92,10 @@ def test_streaming_sends_text_then_finish_then_usage(client, demo):
     assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40
     assert chunks[-1].usage.prompt_tokens == 8
+    # not asked: no usage chunk, so OpenAI's common client loop (choices[0] of every chunk) works
+    stream = client.completions.create(model="demo", prompt="JULIET:\n", max_tokens=40, temperature=0, stream=True)
+    pieces = [ch.choices[0].text for ch in stream]
+    assert "".join(pieces) == alone(demo, "JULIET:\n", 40) and len(pieces) == len(text_chunks)
 
 
 def test_list_prompt_n_seed_and_stop(client, demo):
@@ -233,7 +237,8 @@ def test_queue_full_is_503_with_retry_after_and_disconnect_cancels(small_server)
 
 def test_sigterm_drains_in_flight_requests_then_exits(small_server):
     s = small_server
-    body = {"prompt": "ROMEO:\n", "max_tokens": 400, "temperature": 0, "stream": True, "sliding_window": True}
+    body = {"prompt": "ROMEO:\n", "max_tokens": 400, "temperature": 0, "stream": True, "sliding_window": True,
+            "stream_options": {"include_usage": True}}
     with httpx.Client() as c, c.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
