@@ -1,7 +1,7 @@
 """Continuous batching: one thread owns a backend and runs every request's rows as one batch.
 
 Each iteration (`Scheduler.step`):
-1. cancelled rows leave the batch (`release_row`: their slot is free at once);
+1. cancelled rows leave the batch (`release_row`: their slot is free at once) or the queue;
 2. waiting requests join while rows are free (up to a budget of prompt tokens per iteration): each
    prompt is prefilled alone (`prefill_rows`, batch 1, the same computation as runtime.generate on
    that prompt alone), its first token sampled, and its cache placed beside the running rows
@@ -279,6 +279,12 @@ class Scheduler:
             self._remove(row)
             row.completion.text = row.watcher.text
             self._done(row.completion, "cancelled")
+        with self._cv:  # waiting ones too: a client gone while queued must not keep its queue place
+            gone = [c for c in self.waiting if c.cancelled]
+            if gone:
+                self.waiting = deque(c for c in self.waiting if not c.cancelled)
+        for c in gone:
+            self._done(c, "cancelled")
 
     def _fail_all(self, error: str) -> None:
         for row in self.rows + self.windowed:

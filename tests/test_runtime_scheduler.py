@@ -168,3 +168,68 @@ def test_row_operations_keep_each_rows_logits(backend):
                                       cached[:, None].to(dev)).float().cpu()
     for row, i in enumerate(order):
         assert (logits[row] - expected[i][1][0]).abs().max().item() <= ROW_ATOL, i
+
+
+def test_cancel_in_every_row_state_frees_its_slot(backend):
+    """Cancelled while waiting, while in the cached batch, and as a sliding-window row past its context:
+    each ends at the next step and its slot goes to the next request, which still gets its own tokens."""
+    tok, limit = backend.tokenizer, backend.config.block_size
+    long_prompt = tok.encode(open("model/assets/tinyshakespeare-val.txt").read()[:limit - 6])
+    windowed = Completion(long_prompt, SamplingParams(max_new_tokens=200, greedy=True, sliding_window=True))
+    running = Completion(tok.encode("JULIET:\n"), SamplingParams(max_new_tokens=100, greedy=True))
+    waiting = Completion(tok.encode("A"), SamplingParams(max_new_tokens=10, greedy=True))
+    scheduler = Scheduler(backend, max_batch=2, max_queue=4)
+    scheduler.submit([windowed, running, waiting])
+    scheduler.step()
+    assert (scheduler.active, scheduler.queue_depth) == (2, 1)
+    waiting.cancel()
+    scheduler.step()
+    assert waiting.finish_reason == "cancelled" and waiting.tokens == [] and scheduler.queue_depth == 0
+    for _ in range(20):  # the window row's context fills within a few steps
+        if scheduler.windowed:
+            break
+        scheduler.step()
+    assert [r.completion for r in scheduler.windowed] == [windowed] and backend.rows == 1
+    later = Completion(tok.encode("ROMEO:\n"), SamplingParams(max_new_tokens=12, greedy=True))
+    scheduler.submit([later])
+    scheduler.step()
+    assert scheduler.queue_depth == 1  # the batch is full: it waits
+    windowed.cancel()
+    scheduler.step()
+    assert windowed.finish_reason == "cancelled" and scheduler.windowed == []
+    assert (scheduler.queue_depth, scheduler.active, backend.rows) == (0, 2, 2)  # the freed slot was taken
+    running.cancel()
+    scheduler.step()
+    assert running.finish_reason == "cancelled" and (scheduler.active, backend.rows) == (1, 1)
+    while later.finish_reason is None:
+        scheduler.step()
+    assert later.tokens == generate(backend, [tok.encode("ROMEO:\n")],
+                                    SamplingParams(max_new_tokens=12, greedy=True)).tokens[0]
+    assert scheduler.step() is False  # nothing left
+
+
+@torch.inference_mode()
+def test_trim_keeps_the_logits_of_the_shortest_and_longest_rows(backend, monkeypatch):
+    """Right after each trim_left, the shortest and the longest row of the batch get the logits their
+    sequence gets alone (a trim one position too far drops a real token of the longest row, which
+    rarely changes a greedy token)."""
+    scheduler = Scheduler(backend, max_batch=4, max_queue=16)
+    trimmed, seen = [False], []
+    real_trim, real_sample = backend.trim_left, scheduler._sample
+    monkeypatch.setattr(backend, "trim_left", lambda n: (trimmed.__setitem__(0, n > 0), real_trim(n)))
+
+    def sample(rows, logits):
+        if trimmed[0] and len(rows) > 1:  # the decode step right after a trim
+            seen.append(([list(r.seq) for r in rows], logits.clone()))
+        trimmed[0] = False
+        return real_sample(rows, logits)
+
+    monkeypatch.setattr(scheduler, "_sample", sample)
+    run_script(scheduler, SCRIPT, lambda n: SamplingParams(max_new_tokens=n, greedy=True))
+    assert seen, "no trim happened with several rows in the batch"
+    for seqs, logits in seen:
+        lengths = [len(s) for s in seqs]
+        for i in {lengths.index(min(lengths)), lengths.index(max(lengths))}:
+            ids = torch.tensor([seqs[i]])
+            alone, _ = backend.prefill_rows(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+            assert (logits[i] - alone[0].float().cpu()).abs().max().item() <= ROW_ATOL, (lengths, i)
