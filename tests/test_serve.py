@@ -14,11 +14,13 @@ import urllib.request
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.serve import ServerProcess
 from runtime.loop import SamplingParams, generate
 from runtime.open_backend import open_backend
+from tests.helpers import save_random_hf_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,6 +44,56 @@ def client(server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def demo():
     return open_backend("torch", "demo")
+
+
+GPT2_PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def gpt2_eot(tmp_path_factory) -> tuple[str, list[int]]:
+    """A tiny random GPT-2-shaped model (GPT-2's BPE, with its end-of-text token) whose greedy text
+    from GPT2_PROMPT ends at the end-of-text token after a few tokens: the token it would have produced
+    there next trades places with <|endoftext|> in the (tied) embedding, so the model is the same up to
+    the relabelling. -> (folder, the tokens before the end-of-text token)."""
+    from transformers import GPT2LMHeadModel
+
+    folder = save_random_hf_gpt2(tmp_path_factory.mktemp("gpt2") / "gpt2", seed=3, initializer_range=0.2,
+                                 n_layer=2, n_head=2, n_embd=32, n_positions=640)
+    backend = open_backend("torch", str(folder))
+    tok, eot = backend.tokenizer, backend.tokenizer.eot_token
+    prompt = tok.encode(GPT2_PROMPT)
+    tokens = generate(backend, [prompt], SamplingParams(max_new_tokens=24, greedy=True, stop_at_eot=False)).tokens[0]
+    k = next(k for k in range(3, len(tokens)) if tokens[k] not in tokens[:k] + prompt + [eot]
+             and tok.decode(tokens[k - 1:k]).strip() and "\ufffd" not in tok.decode(tokens[:k]))
+    hf = GPT2LMHeadModel.from_pretrained(folder)
+    with torch.no_grad():
+        wte = hf.transformer.wte.weight
+        wte[[tokens[k], eot]] = wte[[eot, tokens[k]]].clone()
+    hf.save_pretrained(folder)
+    return str(folder), tokens[:k]
+
+
+@pytest.fixture(scope="module")
+def gpt2_client(gpt2_eot):
+    with ServerProcess(["--model", gpt2_eot[0], "--threads", "1", "--max-batch", "4"]) as s:
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+
+
+def test_stream_ends_with_the_text_held_back_for_a_stop_string_at_end_of_text(gpt2_eot, gpt2_client):
+    """GPT-2's tokenizer has an end-of-text token: when the row ends there, the text held back because
+    it might begin a stop string belongs in the last chunk, so the streamed pieces join to the text."""
+    folder, tokens = gpt2_eot
+    tok = open_backend("torch", folder).tokenizer
+    expected = tok.decode(tokens)
+    stop = tok.decode(tokens[-1:]) + "\u2603"  # the last token's text is a prefix of it: held back
+    c = gpt2_client
+    r = c.completions.create(model="gpt2", prompt=GPT2_PROMPT, max_tokens=40, temperature=0, stop=[stop])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
+    assert r.usage.completion_tokens == len(tokens)
+    chunks = list(c.completions.create(model="gpt2", prompt=GPT2_PROMPT, max_tokens=40, temperature=0,
+                                       stop=[stop], stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].text
 
 
 def alone(demo, prompt: str, n: int, **kw) -> str:
@@ -185,6 +237,40 @@ def test_body_too_large_is_413(server):
     r = httpx.post(server.url + "/v1/completions", content=body, timeout=30,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_413_boundary_at_the_limit_and_one_byte_past(server, chunked):
+    """A body of exactly --max-body-bytes (1 MiB here) is served, one byte more is 413: declared by
+    Content-Length, and sent chunked without one."""
+    limit = 1 << 20
+
+    def body(size: int) -> bytes:
+        base = json.dumps({"model": "demo", "prompt": "A", "max_tokens": 1, "temperature": 0}).encode()
+        return base[:-1] + b" " * (size - len(base)) + b"}"  # JSON whitespace up to the size
+
+    statuses = []
+    for size in (limit, limit + 1):
+        data = body(size)
+        assert len(data) == size
+        content = iter([data[i:i + 65536] for i in range(0, size, 65536)]) if chunked else data
+        r = httpx.post(server.url + "/v1/completions", content=content, timeout=30,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        statuses.append(r.status_code)
+        if r.status_code == 413:
+            assert r.json()["error"]["type"] == "invalid_request_error"
+    assert statuses == [200, 413]
+
+
+def test_usage_counts_each_prompt_once_with_n(client):
+    """n samples of a prompt share its prompt tokens (OpenAI's usage); every sample's tokens count."""
+    kw = dict(model="demo", prompt=["ROMEO:\n", "A"], n=3, max_tokens=5, temperature=0.8, seed=1,
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw)
+    assert len(r.choices) == 6
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (8, 30, 38)
+    last = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))[-1]
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (8, 30, 38)
 
 
 @pytest.fixture()
