@@ -19,7 +19,9 @@ The backend never sees which positions are padding: the caller keeps that, as th
 it passes, and zeroes nothing it reads. Four operations change the running batch between steps:
 
 - `prefill_rows(ids, mask, pos)`: a prefill that leaves the running batch alone, returning the
-  logits and the new rows' cache as a `RowCache` (valid until the next call on the backend);
+  logits and the new rows' cache as a `RowCache` (valid until the next call on the backend); with
+  `all_logits=True`, where `backend.all_logits` says it can, the logits of every position
+  [n, seq, vocab_size] (prompt log-probabilities, runtime/logprobs.py);
 - `add_rows(cache)`: append those rows as rows `rows .. rows + n - 1`; when they are longer than
   cache_len, every running row first gains (cache_len - their length) positions of left padding;
 - `release_row(row)`: drop one row; the last row moves into its place (row order is not kept);
@@ -97,9 +99,12 @@ class Backend(Protocol):
     rows: int  # rows in the running batch
     cache_len: int  # positions cached per row of the running batch (0 when it is empty)
 
+    all_logits: bool  # whether prefill_rows(..., all_logits=True) works
+
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
-        """A prefill outside the running batch: -> logits [n, vocab_size] and the n rows' cache."""
+                     position_ids: torch.Tensor, all_logits: bool = False) -> tuple[torch.Tensor, RowCache]:
+        """A prefill outside the running batch: -> logits [n, vocab_size] (all_logits: [n, seq, vocab_size])
+        and the n rows' cache."""
 
     def add_rows(self, cache: RowCache) -> None:
         """Append cache's rows to the running batch, right-aligned (see the module docstring)."""

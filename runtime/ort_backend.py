@@ -19,6 +19,7 @@ import torch
 from export.session import open_session, resolve_providers
 from model.artifact import KV_KINDS, TORCH_DTYPES, past_name, present_name, read_artifact
 from runtime.backend import (
+    BackendUsageError,
     RowCache,
     check_decode,
     check_prefill,
@@ -97,9 +98,16 @@ class OnnxRuntimeBackend:
     # ---- row operations (runtime/backend.py). The running batch is dense in the current buffer,
     # [rows, n_head, cache_len, head_dim]; a change of cache_len re-lays it out into the other one.
 
+    @property
+    def all_logits(self) -> bool:
+        """prefill_rows can return every position's logits: artifacts exported with --all-logits."""
+        return self.spec.logits == "all"
+
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
+                     position_ids: torch.Tensor, all_logits: bool = False) -> tuple[torch.Tensor, RowCache]:
         c, (n, T) = self.config, check_prefill_rows(self, input_ids, attention_mask, position_ids)
+        if all_logits and not self.all_logits:
+            raise BackendUsageError("all_logits needs an artifact exported with --all-logits")
         shape = (n, c.n_head, T, c.head_dim)
         layers = [(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(c.n_layer)]
@@ -108,7 +116,7 @@ class OnnxRuntimeBackend:
                              dtype=torch.float32, device=self.device)
         binding = self.session.io_binding()
         self._run(binding, input_ids, attention_mask, position_ids, past, 0, layers, logits)
-        return logits[:, -1], RowCache(layers)
+        return (logits if all_logits else logits[:, -1]), RowCache(layers)
 
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.backend import Backend
+from runtime.logprobs import TokenLogprob, token_logprobs
 from runtime.loop import SamplingParams, StopStringScanner, context_limit, sample_next, window_inputs
 
 FINISH_REASONS = ("eot", "stop", "length", "cancelled", "error")
@@ -61,6 +62,14 @@ class Completion:
     seed: int | None = None  # the seed used (None for greedy)
     submitted_at: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    # log-probabilities (runtime/logprobs.py): logprobs = k top entries per new token, or None for none;
+    # score_prompt: also of the prompt tokens (needs backend.all_logits); score_only: the prompt's alone
+    # (OpenAI's max_tokens 0 with echo: the row ends after its prefill, finish_reason "length")
+    logprobs: int | None = None
+    score_prompt: bool = False
+    score_only: bool = False
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # [None, prompt[1], ...]
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per entry of tokens
 
     def cancel(self) -> None:
         """Any thread: the scheduler drops the row at its next iteration."""
@@ -183,8 +192,8 @@ class Scheduler:
         rows = batch + windowed
         if self.on_step is not None:
             self.on_step(len(rows))
-        for row, token in zip(rows, self._sample(rows, torch.cat([x.float().cpu() for x in logits]))):
-            self._take(row, token)
+        for row, (token, logprob) in zip(rows, self._sample_one(rows, torch.cat([x.float().cpu() for x in logits]))):
+            self._take(row, token, logprob)
         return True
 
     def _admit(self) -> bool:
@@ -205,9 +214,20 @@ class Scheduler:
                 generator = torch.Generator().manual_seed(c.seed)
             row = _Row(c, generator, StopStringScanner(b.tokenizer.decode, c.params.stop, 0, None), list(c.prompt))
             ids, mask, pos = window_inputs([c.prompt], self.limit)
-            logits, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device))
+            if c.score_prompt:  # the server checked that the prompt fits and that the backend can
+                every, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device), all_logits=True)
+                every = every[0].float().cpu()
+                c.prompt_logprobs = [None, *token_logprobs(every[:-1], c.prompt[1:], c.logprobs or 0,
+                                                           b.tokenizer.n_vocab)]
+                logits = every[-1:]
+            else:
+                logits, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device))
+                logits = logits.float().cpu()
+            if c.score_only:
+                self._done(c, "length")
+                continue
             row.cached = ids.shape[1]
-            if not self._take(row, self._sample([row], logits.float().cpu())[0], joined=False):
+            if not self._take(row, *self._sample_one([row], logits)[0], joined=False):
                 continue
             if row.cached + 1 <= self.limit:
                 b.add_rows(cache)
@@ -228,7 +248,15 @@ class Scheduler:
                 out[i] = int(sample_next(logits[i:i + 1], r.completion.params, n_vocab, r.generator)[0])
         return out
 
-    def _take(self, row: _Row, token: int, joined: bool = True) -> bool:
+    def _sample_one(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
+        """Each row's next token, with its log-probability for rows that asked for them."""
+        tokens = self._sample(rows, logits)
+        n_vocab = self.backend.tokenizer.n_vocab
+        return [(t, None if r.completion.logprobs is None else
+                 token_logprobs(logits[i:i + 1], [t], r.completion.logprobs, n_vocab)[0])
+                for i, (r, t) in enumerate(zip(rows, tokens))]
+
+    def _take(self, row: _Row, token: int, logprob: TokenLogprob | None = None, joined: bool = True) -> bool:
         """Append one sampled token to its row; False (and the row gone) when the row finished."""
         c, params = row.completion, row.completion.params
         eot = self.backend.tokenizer.eot_token if params.stop_at_eot else None
@@ -238,6 +266,8 @@ class Scheduler:
             reason = "eot"
         else:
             c.tokens.append(token)
+            if logprob is not None:
+                c.token_logprobs.append(logprob)
             row.seq.append(token)
             if row.watcher.update(c.tokens):
                 reason = "stop"

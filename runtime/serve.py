@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.errors import CliParser, ModelError, run_cli
+from runtime.logprobs import MAX_LOGPROBS, TextOffsets, openai_logprobs
 from runtime.loop import GenerationError, SamplingParams, check_prompts
 from runtime.open_backend import BACKENDS, add_backend_flags, open_backend
 from runtime.scheduler import Completion, QueueFull, Scheduler
@@ -75,7 +76,7 @@ def completion_request_model():
 
         prompt: str | list[str] | list[int] | list[list[int]]
         model: str | None = None
-        max_tokens: int | None = Field(default=None, ge=1)
+        max_tokens: int | None = Field(default=None, ge=0)  # 0: only with echo (score the prompt)
         temperature: float | None = Field(default=None, ge=0, le=100)
         top_p: float | None = Field(default=None, gt=0, le=1)
         top_k: int | None = Field(default=None, ge=-1)  # extension: -1, 0 or null turn it off
@@ -87,8 +88,8 @@ def completion_request_model():
         echo: bool = False
         sliding_window: bool = False  # extension: nanoGPT's sample.py past the context
         ignore_eos: bool = False  # extension: do not stop at the end-of-text token
+        logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
         # OpenAI fields this server does not implement: accepted only at their "off" value
-        logprobs: int | None = None
         best_of: int | None = None
         suffix: str | None = None
         logit_bias: dict[str, float] | None = None
@@ -97,6 +98,27 @@ def completion_request_model():
         user: str | None = None
 
     return CompletionRequest
+
+
+def tokenizer_request_models():
+    """vLLM's /tokenize and /detokenize bodies (text prompts; no chat messages)."""
+    from pydantic import BaseModel, ConfigDict
+
+    class TokenizeRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        prompt: str
+        model: str | None = None
+        add_special_tokens: bool = True  # nothing to add: GPT-2 and char vocabularies have no BOS
+        return_token_strs: bool = False
+
+    class DetokenizeRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        tokens: list[int]
+        model: str | None = None
+
+    return TokenizeRequest, DetokenizeRequest
 
 
 @dataclass
@@ -138,7 +160,7 @@ class _Bridge:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
         self.loop, self.metrics = loop, metrics
-        self.queue: asyncio.Queue[tuple[int, str, bool]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, str, bool, int]] = asyncio.Queue()
         self.index: dict[int, int] = {}  # id(completion) -> its choice index
         self.last_token_at: dict[int, float] = {}
 
@@ -154,9 +176,10 @@ class _Bridge:
             else:
                 self.metrics.itl.observe(now - last)
             self.last_token_at[index] = now
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, text, done))
+        # with the row's token count now: the logprobs that go with this text
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, text, done, len(c.tokens)))
 
-    async def next_events(self) -> list[tuple[int, str, bool]]:
+    async def next_events(self) -> list[tuple[int, str, bool, int]]:
         """At least one event, and every other one already there (a slow reader gets them merged)."""
         events = [await self.queue.get()]
         while not self.queue.empty():
@@ -198,6 +221,7 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
     backend, tok = scheduler.backend, scheduler.backend.tokenizer
     metrics = Metrics(scheduler)
     CompletionRequest = completion_request_model()
+    TokenizeRequest, DetokenizeRequest = tokenizer_request_models()
     state = {"draining": False}
 
     @asynccontextmanager
@@ -254,8 +278,42 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "gptdeploy", "max_model_len": scheduler.limit}]}
 
+    def check_model(name: str | None) -> None:
+        if name not in (None, config.model_name):
+            raise ApiError(404, f"model {name!r} is not served here; this server serves {config.model_name!r}",
+                           "model", "model_not_found")
+
+    # vLLM's tokenizer endpoints: a client (lm-evaluation-harness's remote tokenizer) needs no files of its own
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(req: TokenizeRequest):  # type: ignore[valid-type]
+        check_model(req.model)
+        try:
+            ids = tok.encode(req.prompt)
+        except ModelError as e:  # a character outside a char model's vocabulary
+            raise ApiError(400, str(e), "prompt") from None
+        return {"count": len(ids), "max_model_len": scheduler.limit, "tokens": ids,
+                "token_strs": [tok.decode([t]) for t in ids] if req.return_token_strs else None}
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(req: DetokenizeRequest):  # type: ignore[valid-type]
+        check_model(req.model)
+        try:
+            if req.tokens:
+                check_prompts([req.tokens], tok.n_vocab)  # ids inside the vocabulary
+        except ModelError as e:
+            raise ApiError(400, str(e), "tokens") from None
+        return {"prompt": tok.decode(req.tokens)}
+
+    @app.get("/tokenizer_info", dependencies=[Depends(authorize)])
+    async def tokenizer_info():
+        eot = tok.eot_token
+        return {"tokenizer_class": "GPT2BPE" if tok.spec.get("type") == "gpt2" else "CharTokenizer",
+                "spec": tok.spec, "vocab_size": tok.n_vocab, "model_max_length": scheduler.limit,
+                "eos_token_id": eot, "eos_token": None if eot is None else tok.decode([eot]),
+                "bos_token": None, "pad_token": None, "add_bos_token": False}
+
     def sampling_params(req: Any) -> SamplingParams:
-        for name, off in (("logprobs", None), ("suffix", None), ("presence_penalty", 0), ("frequency_penalty", 0)):
+        for name, off in (("suffix", None), ("presence_penalty", 0), ("frequency_penalty", 0)):
             value = getattr(req, name)
             if value is not None and value != off:
                 raise ApiError(400, f"{name} is not supported by this server", name)
@@ -266,10 +324,12 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP:
             raise ApiError(400, f"at most {MAX_STOP} stop strings", "stop")
+        if req.max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens 0 is only allowed with echo (it scores the prompt)", "max_tokens")
         temperature = 1.0 if req.temperature is None else req.temperature
         try:
-            return SamplingParams(
-                max_new_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
+            return SamplingParams(  # max_tokens 0 (score only) runs as 1 that is never sampled
+                max_new_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else max(req.max_tokens, 1),
                 greedy=temperature == 0, temperature=temperature,
                 top_k=None if req.top_k in (None, 0, -1) else req.top_k,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(stop),
@@ -294,16 +354,22 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: CompletionRequest, request: Request):  # type: ignore[valid-type]
-        if req.model not in (None, config.model_name):
-            raise ApiError(404, f"model {req.model!r} is not served here; this server serves {config.model_name!r}",
-                           "model", "model_not_found")
+        check_model(req.model)
         params = sampling_params(req)
         prompts = encode_prompts(req)
+        longest, new_tokens = max(len(p) for p in prompts), 0 if req.max_tokens == 0 else params.max_new_tokens
+        score_prompt = req.echo and req.logprobs is not None
+        if score_prompt and not getattr(backend, "all_logits", False):
+            raise ApiError(400, f"echo with logprobs needs every prompt position's logits, which the {backend.name} "
+                           "backend does not give; serve with --backend torch or an onnxruntime artifact "
+                           "exported with --all-logits", "echo")
+        if score_prompt and longest > scheduler.limit:
+            raise ApiError(400, f"echo with logprobs scores the whole prompt, and it ({longest} tokens) is longer "
+                           f"than {scheduler.limit_name}", "prompt", "context_length_exceeded")
         if not params.sliding_window:
-            longest = max(len(p) for p in prompts)
-            if longest + params.max_new_tokens > scheduler.limit:
-                raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({params.max_new_tokens}) = "
-                               f"{longest + params.max_new_tokens} exceeds {scheduler.limit_name}; lower max_tokens, "
+            if longest + new_tokens > scheduler.limit:
+                raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({new_tokens}) = "
+                               f"{longest + new_tokens} exceeds {scheduler.limit_name}; lower max_tokens, "
                                'shorten the prompt, or send "sliding_window": true to condition each token on the '
                                f"last {scheduler.limit} tokens as nanoGPT's sample.py does", "max_tokens",
                                "context_length_exceeded")
@@ -316,7 +382,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
         for prompt in prompts:
             for j in range(req.n):
                 seed = None if params.seed is None else params.seed + j  # sample j: seed + j, as the CLI's samples
-                c = Completion(prompt, dataclasses.replace(params, seed=seed), on_event=bridge.on_event)
+                c = Completion(prompt, dataclasses.replace(params, seed=seed), on_event=bridge.on_event,
+                               logprobs=req.logprobs, score_prompt=score_prompt, score_only=req.max_tokens == 0)
                 bridge.index[id(c)] = len(rows)
                 rows.append(c)
         if state["draining"]:
@@ -330,6 +397,22 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": config.model_name}
         echo = [tok.decode(prompts[k // req.n]) if req.echo else "" for k in range(len(rows))]
+        lp_sent = [0] * len(rows)  # new tokens whose log-probabilities were sent
+        offsets = [TextOffsets(tok.decode, len(echo[k])) for k in range(len(rows))]
+
+        def logprobs(k: int, end: int, with_prompt: bool) -> dict | None:
+            """Row k's logprobs from its last part sent up to new token `end` (the prompt's first, if echoed)."""
+            if req.logprobs is None:
+                return None
+            c, start = rows[k], lp_sent[k]
+            tokens, entries, offs = c.tokens[start:end], c.token_logprobs[start:end], []
+            offs = [offsets[k].offset(c.tokens, i) for i in range(start, end)]
+            lp_sent[k] = end
+            if with_prompt and req.echo:
+                at = TextOffsets(tok.decode)
+                offs = [at.offset(c.prompt, i) for i in range(len(c.prompt))] + offs
+                tokens, entries = c.prompt + tokens, c.prompt_logprobs + entries
+            return openai_logprobs(tok.decode, tokens, entries, offs)
         usage = {"prompt_tokens": sum(len(p) for p in prompts)}
 
         def final_usage() -> dict[str, int]:
@@ -350,24 +433,25 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
             include_usage = bool((req.stream_options or {}).get("include_usage"))
 
             async def events():
-                sent, open_rows = [0] * len(rows), len(rows)
+                sent, open_rows, started = [0] * len(rows), len(rows), [False] * len(rows)
                 try:
-                    if req.echo:
-                        yield b"".join(_sse({**head, "choices": [_choice(k, echo[k])]}) for k in range(len(rows)))
                     while open_rows:
                         chunks = []
-                        for k, text, done in await bridge.next_events():
+                        for k, text, done, n_tokens in await bridge.next_events():
                             c = rows[k]
                             if done:
                                 open_rows -= 1
                                 if c.finish_reason not in FINISH:  # error or cancelled: reported below
                                     continue
                                 text = c.text[sent[k]:]  # whatever the last token released
-                            elif not text:
+                            if req.echo and not started[k]:  # after the prefill: the prompt's logprobs are known
+                                chunks.append({**head, "choices": [_choice(k, echo[k], None, logprobs(k, 0, True))]})
+                            started[k] = True
+                            if not done and not text and req.logprobs is None:
                                 continue
                             sent[k] += len(text)
                             chunks.append({**head, "choices": [_choice(k, text, FINISH[c.finish_reason] if done
-                                                                       else None)]})
+                                                                       else None, logprobs(k, n_tokens, False))]})
                         if chunks:
                             yield b"".join(map(_sse, chunks))
                     e = failure()
@@ -393,7 +477,7 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
                     if await request.is_disconnected():
                         return Response(status_code=499)  # nobody reads it; the rows are cancelled below
                     continue
-                open_rows -= sum(1 for _, _, done in events if done)
+                open_rows -= sum(1 for _, _, done, _ in events if done)
         finally:
             for c in rows:
                 if c.finish_reason is None:
@@ -401,14 +485,15 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
         e = failure()
         if e is not None:
             raise e
-        return {**head, "choices": [_choice(k, echo[k] + c.text, FINISH[c.finish_reason]) for k, c in enumerate(rows)],
+        return {**head, "choices": [_choice(k, echo[k] + c.text, FINISH[c.finish_reason],
+                                            logprobs(k, len(c.tokens), True)) for k, c in enumerate(rows)],
                 "usage": final_usage()}
 
     return _DeclaredBodyLimit(app, config.max_body_bytes, metrics.rejected.labels("413").inc)
 
 
-def _choice(index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+def _choice(index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _sse(body: dict[str, Any]) -> bytes:

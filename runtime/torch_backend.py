@@ -29,6 +29,7 @@ from runtime.backend import (
 
 class TorchBackend:
     max_batch = None  # as many rows as memory holds
+    all_logits = True  # prefill_rows can return every position's logits (prompt log-probabilities)
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
@@ -77,12 +78,12 @@ class TorchBackend:
 
     @torch.inference_mode()
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
+                     position_ids: torch.Tensor, all_logits: bool = False) -> tuple[torch.Tensor, RowCache]:
         check_prefill_rows(self, input_ids, attention_mask, position_ids)
         input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids)
         logits, present = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     last_logits_only=True)
-        return logits[:, -1].float(), RowCache(present)
+                                     last_logits_only=not all_logits)
+        return (logits if all_logits else logits[:, -1]).float(), RowCache(present)
 
     @torch.inference_mode()
     def add_rows(self, cache: RowCache) -> None:

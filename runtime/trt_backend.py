@@ -43,6 +43,7 @@ from model.artifact import (
 from model.errors import ModelError
 from model.files import sha256_file
 from runtime.backend import (
+    BackendUsageError,
     RowCache,
     check_decode,
     check_prefill,
@@ -225,8 +226,12 @@ class TensorRTBackend:
     # current ping-pong buffer, [rows, H, cache_len, D]; a change of cache_len re-lays it out into the
     # other buffer, as in the onnxruntime backend. Everything runs on self.stream, ordered with the steps.
 
+    all_logits = False  # prefill_rows returns the last position's logits only (no prompt log-probabilities)
+
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     position_ids: torch.Tensor) -> tuple[torch.Tensor, RowCache]:
+                     position_ids: torch.Tensor, all_logits: bool = False) -> tuple[torch.Tensor, RowCache]:
+        if all_logits:
+            raise BackendUsageError("the tensorrt backend returns the last position's logits only")
         c, M, (n, T) = self.config, self.max_seq_len, check_prefill_rows(self, input_ids, attention_mask, position_ids)
         tensors: dict[str, tuple[torch.Tensor, tuple[int, ...] | None]] = {}
         with torch.cuda.stream(self.stream):

@@ -181,7 +181,8 @@ def test_sliding_window_past_the_context(client, demo):
     (dict(temperature=-1), 400, "temperature"),
     (dict(top_p=0), 400, "top_p"),
     (dict(max_tokens=0), 400, "max_tokens"),
-    (dict(logprobs=2), 400, "logprobs is not supported"),
+    (dict(logprobs=6), 400, "logprobs"),  # OpenAI's limit: 5
+    (dict(stream_options={"include_usage": True}), 400, "stream_options"),  # without stream
     (dict(extra_body={"top_k": "many"}), 400, "top_k"),
     (dict(extra_body={"unknown_field": 1}), 400, "unknown_field"),
     (dict(prompt="caf\u00e9"), 400, "not in the model's"),
@@ -344,3 +345,136 @@ def get_refused(url: str) -> bool:
     except OSError:
         return True
     return False
+
+
+# ---- logprobs and echo (OpenAI's legacy completions API), against the PyTorch model's own logits
+
+LOGPROB_ATOL = 1e-4  # fp32: the server's batched, padded steps vs one plain forward of the whole sequence
+
+
+@torch.inference_mode()
+def reference_logprobs(backend, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the PyTorch model's logits at every position of ids, fp32: [len(ids), n_vocab]."""
+    logits, _ = backend.model(torch.tensor([ids]))
+    return torch.log_softmax(logits[0, :, :backend.tokenizer.n_vocab].float(), dim=-1)
+
+
+def check_logprobs(backend, lp, prompt: list[int], new: list[int], k: int, echo: bool) -> None:
+    """One choice's logprobs: each token's log-probability and its top k are the model's, text_offset
+    points at each token's text, and with echo the prompt comes first with None for its first token."""
+    tok = backend.tokenizer
+    ref = reference_logprobs(backend, prompt + new)
+    first = 0 if echo else len(prompt)
+    ids = (prompt + new)[first:]
+    assert lp.tokens == [tok.decode([t]) for t in ids]
+    assert lp.text_offset == [len(tok.decode((prompt + new)[first:j])) for j in range(first, len(prompt) + len(new))]
+    for i, t in enumerate(ids):
+        j = first + i  # the position of t in the whole sequence: predicted at j - 1
+        if j == 0:
+            assert lp.token_logprobs[i] is None and lp.top_logprobs[i] is None
+            continue
+        assert abs(lp.token_logprobs[i] - ref[j - 1, t].item()) <= LOGPROB_ATOL, (i, t)
+        top = lp.top_logprobs[i]
+        want = ref[j - 1].topk(k).indices.tolist() + [t]
+        assert set(top) == {tok.decode([x]) for x in want}  # the k likeliest and the chosen one
+        for x in want:
+            assert abs(top[tok.decode([x])] - ref[j - 1, x].item()) <= LOGPROB_ATOL or tok.decode([x]) in \
+                {tok.decode([y]) for y in want if y != x}  # two ids with the same text: the likelier one's
+
+
+def test_logprobs_and_echo_equal_the_models_log_softmax(client, demo):
+    """A batch of prompts of different lengths, greedy and sampled (log-probabilities are of the model's
+    distribution, before temperature and top-k), with and without echo; prompts as text and as ids."""
+    tok = demo.tokenizer
+    prompts = PROMPTS[:4]
+    greedy = client.completions.create(model="demo", prompt=prompts, max_tokens=20, temperature=0, logprobs=5,
+                                       echo=True)
+    for text, choice in zip(prompts, greedy.choices):
+        p = tok.encode(text)
+        new = generate(demo, [p], SamplingParams(max_new_tokens=20, greedy=True)).tokens[0]
+        assert choice.text == text + tok.decode(new)
+        check_logprobs(demo, choice.logprobs, p, new, 5, echo=True)
+    ids = [tok.encode(t) for t in prompts[:2]]
+    sampled = client.completions.create(model="demo", prompt=ids, max_tokens=15, temperature=0.8, seed=3,
+                                        logprobs=2, extra_body={"top_k": 10})
+    for p, choice in zip(ids, sampled.choices):
+        new = generate(demo, [p], SamplingParams(max_new_tokens=15, temperature=0.8, top_k=10, seed=3)).tokens[0]
+        assert choice.text == tok.decode(new)
+        check_logprobs(demo, choice.logprobs, p, new, 2, echo=False)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, demo):
+    tok = demo.tokenizer
+    p = tok.encode(PROMPTS[3])
+    for prompt in (PROMPTS[3], p):  # text and token ids
+        r = client.completions.create(model="demo", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+        assert r.choices[0].text == PROMPTS[3] and r.choices[0].finish_reason == "length"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(p), 0)
+        check_logprobs(demo, r.choices[0].logprobs, p, [], 0, echo=True)
+    # streamed: the echo chunk carries the prompt's logprobs; no usage chunk unless asked
+    chunks = list(client.completions.create(model="demo", prompt=prompt, max_tokens=0, echo=True, logprobs=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == PROMPTS[3]
+    check_logprobs(demo, chunks[0].choices[0].logprobs, p, [], 0, echo=True)
+    with pytest.raises(openai.BadRequestError):  # without echo there is nothing to return
+        client.completions.create(model="demo", prompt="A", max_tokens=0)
+
+
+def test_streamed_logprobs_join_to_the_whole_ones(client):
+    kw = dict(model="demo", prompt=PROMPTS[:2], max_tokens=25, temperature=0, logprobs=3, echo=True,
+              stop=["\n\n"])
+    whole = client.completions.create(**kw)
+    parts: dict[int, dict] = {}
+    for ch in client.completions.create(**kw, stream=True):
+        c = ch.choices[0]
+        got = parts.setdefault(c.index, {"text": "", "tokens": [], "token_logprobs": [], "text_offset": []})
+        got["text"] += c.text
+        for key in ("tokens", "token_logprobs", "text_offset"):
+            got[key] += getattr(c.logprobs, key)
+    for c in whole.choices:
+        assert parts[c.index]["text"] == c.text
+        for key in ("tokens", "token_logprobs", "text_offset"):
+            assert parts[c.index][key] == getattr(c.logprobs, key), key
+
+
+def test_logprobs_on_a_gpt2_shaped_model_with_a_long_prompt(gpt2_eot, gpt2_client):
+    """GPT-2's BPE and 50257-token vocabulary; a prompt longer than one step's prefill budget (512 tokens)
+    beside a short one, both echoed and scored."""
+    backend = open_backend("torch", gpt2_eot[0])
+    tok = backend.tokenizer
+    text = open("model/assets/tinyshakespeare-val.txt").read()
+    long_prompt = tok.encode(text)[:600]
+    prompts = [long_prompt, tok.encode(GPT2_PROMPT)]
+    r = gpt2_client.completions.create(model="gpt2", prompt=prompts, max_tokens=6, temperature=0, logprobs=3,
+                                       echo=True)
+    for p, choice in zip(prompts, r.choices):
+        new = generate(backend, [p], SamplingParams(max_new_tokens=6, greedy=True)).tokens[0]
+        check_logprobs(backend, choice.logprobs, p, new, 3, echo=True)
+
+
+def test_tokenizer_endpoints(server, demo, gpt2_eot, gpt2_client):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, on the char vocabulary and on GPT-2's BPE."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    text = "ROMEO:\nWhat light"
+    r = httpx.post(server.url + "/tokenize", json={"prompt": text, "return_token_strs": True}, headers=auth,
+                   timeout=30).json()
+    assert r["tokens"] == demo.tokenizer.encode(text) and r["count"] == len(text) == len(r["token_strs"])
+    assert r["max_model_len"] == demo.config.block_size and "".join(r["token_strs"]) == text
+    back = httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}, headers=auth, timeout=30).json()
+    assert back == {"prompt": text}
+    info = httpx.get(server.url + "/tokenizer_info", headers=auth, timeout=30).json()
+    assert info["spec"]["type"] == "char" and info["vocab_size"] == len(info["spec"]["chars"]) == demo.tokenizer.n_vocab
+    assert info["eos_token_id"] is None
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [10**6]}, headers=auth, timeout=30)
+    assert bad.status_code == 400 and "outside" in bad.json()["error"]["message"]
+    outside = httpx.post(server.url + "/tokenize", json={"prompt": "caf\u00e9"}, headers=auth, timeout=30)
+    assert outside.status_code == 400
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "A"}, timeout=30).status_code == 401
+    gpt2_url = str(gpt2_client.base_url).removesuffix("/v1/")
+    tok = open_backend("torch", gpt2_eot[0]).tokenizer
+    r = httpx.post(gpt2_url + "/tokenize", json={"prompt": GPT2_PROMPT + " caf\u00e9"}, timeout=30).json()
+    assert r["tokens"] == tok.encode(GPT2_PROMPT + " caf\u00e9")
+    assert httpx.post(gpt2_url + "/detokenize", json={"tokens": r["tokens"]}, timeout=30).json()["prompt"] == \
+        GPT2_PROMPT + " caf\u00e9"
+    info = httpx.get(gpt2_url + "/tokenizer_info", timeout=30).json()
+    assert (info["eos_token_id"], info["eos_token"], info["vocab_size"]) == (50256, "<|endoftext|>", 50257)
