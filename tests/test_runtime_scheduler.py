@@ -233,3 +233,46 @@ def test_trim_keeps_the_logits_of_the_shortest_and_longest_rows(backend, monkeyp
             ids = torch.tensor([seqs[i]])
             alone, _ = backend.prefill_rows(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
             assert (logits[i] - alone[0].float().cpu()).abs().max().item() <= ROW_ATOL, (lengths, i)
+
+
+@pytest.fixture(scope="module", params=["torch", "onnxruntime --all-logits"])
+def scoring_backend(request, tmp_path_factory):
+    """The demo model on torch, and exported with --all-logits (fp32) on onnxruntime: both score prompts."""
+    from export.onnx import export_artifact
+    from runtime.open_backend import open_backend
+
+    if request.param == "torch":
+        return open_backend("torch", "demo")
+    out = tmp_path_factory.mktemp("demo_all") / "demo"
+    export_artifact("demo", out, all_logits=True, verify=False, log=lambda s: None)
+    return open_backend("onnxruntime", str(out), threads=1)
+
+
+def test_prompt_and_token_logprobs_equal_the_torch_models_log_softmax(scoring_backend):
+    """Rows of different lengths in one batch, echo-scored (one of them the prompt alone) and with their
+    new tokens' log-probabilities: each equals log_softmax of the PyTorch model's logits (fp32, 1e-4)."""
+    from runtime.open_backend import open_backend
+
+    backend = scoring_backend
+    reference = open_backend("torch", "demo").model
+    tok = backend.tokenizer
+    texts = ["ROMEO:\nIs the day so young?", "A", "KING HENRY VI:\nO God! methinks it were a happy life,"]
+    rows = [Completion(tok.encode(t), SamplingParams(max_new_tokens=12, greedy=True), logprobs=3, score_prompt=True)
+            for t in texts]
+    rows.append(Completion(tok.encode("JULIET:\n"), SamplingParams(max_new_tokens=1, greedy=True), logprobs=0,
+                           score_prompt=True, score_only=True))
+    scheduler = Scheduler(backend, max_batch=4, max_queue=8)
+    scheduler.submit(rows)
+    while not all(c.finish_reason for c in rows):
+        scheduler.step()
+    for c in rows:
+        seq = c.prompt + c.tokens
+        with torch.inference_mode():
+            ref = torch.log_softmax(reference(torch.tensor([seq]))[0][0].float(), dim=-1)
+        entries = c.prompt_logprobs + c.token_logprobs
+        assert entries[0] is None and len(entries) == len(seq)
+        assert len(c.tokens) == (0 if c.score_only else 12)
+        for j in range(1, len(seq)):
+            assert abs(entries[j].logprob - ref[j - 1, seq[j]].item()) <= 1e-4, (j, c.prompt)
+            top = dict(entries[j].top)
+            assert set(top) == set(ref[j - 1].topk(c.logprobs).indices.tolist()) | {seq[j]}

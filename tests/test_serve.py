@@ -478,3 +478,19 @@ def test_tokenizer_endpoints(server, demo, gpt2_eot, gpt2_client):
         GPT2_PROMPT + " caf\u00e9"
     info = httpx.get(gpt2_url + "/tokenizer_info", timeout=30).json()
     assert (info["eos_token_id"], info["eos_token"], info["vocab_size"]) == (50256, "<|endoftext|>", 50257)
+
+
+def test_echo_logprobs_on_a_last_logits_artifact_is_a_clear_400(demo_onnx):
+    """An onnxruntime artifact exported without --all-logits cannot score prompt tokens: 400 naming the fix;
+    the new tokens' logprobs still work."""
+    from fastapi.testclient import TestClient
+
+    from runtime.scheduler import Scheduler
+    from runtime.serve import ServeConfig, create_app
+
+    backend = open_backend("onnxruntime", str(demo_onnx), threads=1)
+    with TestClient(create_app(Scheduler(backend, 2, 4), ServeConfig(model_name="demo"))) as c:
+        r = c.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 0, "echo": True, "logprobs": 1})
+        assert r.status_code == 400 and "--all-logits" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 3, "logprobs": 1, "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == 3
