@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop a sample when TEXT appears (cut before it); repeatable (default: only the "
                         "end-of-text token and --max-new-tokens stop)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit before choosing, greedy too; repeatable "
+                        "(OpenAI's logit_bias; default: none)")
+    p.add_argument("--presence-penalty", type=float, default=DEFAULTS.presence_penalty, metavar="X",
+                   help="subtract X (-2..2) from the logit of every token already generated (default: %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=DEFAULTS.frequency_penalty, metavar="X",
+                   help="subtract X (-2..2) times its count so far from each generated token's logit "
+                        "(default: %(default)s)")
     p.add_argument("--truncate", action="store_true",
                    help="if prompt + --max-new-tokens exceeds the model's block_size (or the artifact's max_seq_len), "
                         "keep only the last block_size - max_new_tokens prompt tokens (default: refuse with an error)")
@@ -88,6 +96,15 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         value = sampling_flags[flag]
         if value is not None and not math.isfinite(value):
             raise ModelError(f"{flag} must be a finite number, got {value}")
+    bias = []
+    for item in args.logit_bias:
+        token, _, value = item.partition("=")
+        try:
+            bias.append((int(token), float(value)))
+        except ValueError:
+            raise ModelError(f"--logit-bias takes TOKEN_ID=BIAS, got {item!r}") from None
+        if not math.isfinite(bias[-1][1]):
+            raise ModelError(f"--logit-bias {item!r}: the bias must be a finite number")
     top_k = DEFAULTS.top_k if args.top_k is None else (None if args.top_k == 0 else args.top_k)
     if args.top_k is not None and args.top_k < 0:
         raise ModelError(f"--top-k must be >= 0, got {args.top_k}")
@@ -96,6 +113,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         temperature=DEFAULTS.temperature if args.temperature is None else args.temperature,
         top_k=top_k, top_p=DEFAULTS.top_p if args.top_p is None else args.top_p,
         seed=args.seed, stop=tuple(args.stop), truncate=args.truncate, sliding_window=args.sliding_window,
+        logit_bias=tuple(bias), presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
     )
 
 

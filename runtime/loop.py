@@ -8,6 +8,8 @@ Sampling semantics (also in the README):
 - otherwise: logits / temperature, then top-k (keep the k largest), then top-p (keep the
   smallest set of most likely tokens whose probability sums to >= p; always at least one),
   then one draw from the renormalised distribution.
+- logit_bias, presence_penalty and frequency_penalty (OpenAI's, runtime/sampling.py) change the logits
+  first, for greedy too.
 - only ids < tokenizer.n_vocab are ever chosen (nanoGPT pads the embedding to 50304 rows).
 - draws use a CPU torch.Generator seeded with `seed` (sample i of a CLI run uses seed + i), so a
   seed reproduces the same text for a given backend; backends whose logits differ in the last
@@ -35,6 +37,7 @@ import torch
 
 from model.errors import ModelError
 from runtime.backend import Backend
+from runtime.sampling import MAX_PENALTY, adjust_logits, check_logit_bias
 
 StreamCallback = Callable[[int, str], None]  # (row, new text) as soon as it is final
 
@@ -57,6 +60,9 @@ class SamplingParams:
     stop_at_eot: bool = True
     truncate: bool = False
     sliding_window: bool = False  # nanoGPT's sample.py past the context limit (see the module docstring)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits (runtime/sampling.py)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -71,6 +77,9 @@ class SamplingParams:
             raise GenerationError(f"seed must be in [0, 2**63), got {self.seed}")
         if any(not s for s in self.stop):
             raise GenerationError("stop strings must not be empty")
+        for name, value in (("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)):
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise GenerationError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
         if self.truncate and self.sliding_window:
             raise GenerationError("truncate and sliding_window exclude each other: the sliding window already "
                                   "conditions on the end of a long prompt")
@@ -140,6 +149,8 @@ def check_prompts(prompts: Sequence[Sequence[int]], n_vocab: int) -> None:
 def prepare_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, backend: Backend) -> list[list[int]]:
     """Check the prompts before any work; with params.truncate, cut them to fit."""
     check_prompts(prompts, backend.tokenizer.n_vocab)
+    if problem := check_logit_bias(params.logit_bias, backend.tokenizer.n_vocab):
+        raise GenerationError(problem)
     if params.sliding_window:
         return [list(p) for p in prompts]
     limit, limit_name = context_limit(backend)
@@ -149,9 +160,12 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, ba
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, n_vocab: int,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits [batch, vocab_size] (any device) -> next ids [batch] int64 on CPU."""
+                generator: torch.Generator | None, generated: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """logits [batch, vocab_size] (any device) -> next ids [batch] int64 on CPU. generated[i]: row i's new
+    tokens so far (the penalties count them)."""
     logits = logits[:, :n_vocab].float().cpu()
+    if params.logit_bias or params.presence_penalty or params.frequency_penalty:
+        logits = adjust_logits(logits, params.logit_bias, params.presence_penalty, params.frequency_penalty, generated)
     if params.is_greedy:
         # numpy's argmax (same result: the first maximum, NaN counting as the maximum) runs on this thread;
         # torch's splits 50k logits across its intra-op pool, whose threads then keep spinning through the
@@ -283,7 +297,7 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
     backend.reset(batch, total)
     t0 = time.perf_counter()
     logits = backend.prefill(input_ids.to(device), attention_mask[:, :prompt_len], position_ids.to(device))
-    next_ids = sample_next(logits, params, tok.n_vocab, generator)  # .cpu() inside: synchronises
+    next_ids = sample_next(logits, params, tok.n_vocab, generator, tokens)  # .cpu() inside: synchronises
     result.prefill_ms = (time.perf_counter() - t0) * 1e3
     take(next_ids)
 
@@ -299,7 +313,7 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
             ids, mask, pos = window_inputs([p + t for p, t in zip(prompts, tokens)], limit)
             backend.reset(batch, ids.shape[1])
             logits = backend.prefill(ids.to(device), mask.to(device), pos.to(device))
-        next_ids = sample_next(logits, params, tok.n_vocab, generator)
+        next_ids = sample_next(logits, params, tok.n_vocab, generator, tokens)
         result.decode_tokens += sum(running)
         take(next_ids)
     result.decode_s = time.perf_counter() - t0

@@ -41,6 +41,10 @@ FINISH_REASONS = ("eot", "stop", "length", "cancelled", "error")
 TRIM_SHARE = 4  # trim_left once the padding common to all rows is >= 1/TRIM_SHARE of the cached length
 
 
+def _adjusts(p: SamplingParams) -> bool:
+    return bool(p.logit_bias or p.presence_penalty or p.frequency_penalty)
+
+
 class QueueFull(RuntimeError):
     """The waiting queue cannot take these requests now (the server answers 503 + Retry-After)."""
 
@@ -239,13 +243,14 @@ class Scheduler:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         n_vocab = self.backend.tokenizer.n_vocab
         out = [0] * len(rows)
-        greedy = [i for i, r in enumerate(rows) if r.completion.params.is_greedy]
-        if greedy:
-            for i, t in zip(greedy, logits[greedy, :n_vocab].argmax(-1).tolist()):
+        plain = [i for i, r in enumerate(rows) if r.completion.params.is_greedy and not _adjusts(r.completion.params)]
+        if plain:
+            for i, t in zip(plain, logits[plain, :n_vocab].argmax(-1).tolist()):
                 out[i] = t
         for i, r in enumerate(rows):
-            if not r.completion.params.is_greedy:
-                out[i] = int(sample_next(logits[i:i + 1], r.completion.params, n_vocab, r.generator)[0])
+            if i not in plain:  # sampled, or greedy after logit_bias / penalties
+                out[i] = int(sample_next(logits[i:i + 1], r.completion.params, n_vocab, r.generator,
+                                         [r.completion.tokens])[0])
         return out
 
     def _sample_one(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:

@@ -27,6 +27,7 @@ from model.errors import CliParser, ModelError, run_cli
 from runtime.logprobs import MAX_LOGPROBS, TextOffsets, openai_logprobs
 from runtime.loop import GenerationError, SamplingParams, check_prompts
 from runtime.open_backend import BACKENDS, add_backend_flags, open_backend
+from runtime.sampling import check_logit_bias
 from runtime.scheduler import Completion, QueueFull, Scheduler
 
 DEFAULT_HOST = "127.0.0.1"
@@ -89,12 +90,12 @@ def completion_request_model():
         sliding_window: bool = False  # extension: nanoGPT's sample.py past the context
         ignore_eos: bool = False  # extension: do not stop at the end-of-text token
         logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+        logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's) -> -100..100
+        presence_penalty: float | None = None
+        frequency_penalty: float | None = None
         # OpenAI fields this server does not implement: accepted only at their "off" value
         best_of: int | None = None
         suffix: str | None = None
-        logit_bias: dict[str, float] | None = None
-        presence_penalty: float | None = None
-        frequency_penalty: float | None = None
         user: str | None = None
 
     return CompletionRequest
@@ -313,12 +314,15 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
                 "bos_token": None, "pad_token": None, "add_bos_token": False}
 
     def sampling_params(req: Any) -> SamplingParams:
-        for name, off in (("suffix", None), ("presence_penalty", 0), ("frequency_penalty", 0)):
-            value = getattr(req, name)
-            if value is not None and value != off:
-                raise ApiError(400, f"{name} is not supported by this server", name)
-        if req.logit_bias:
-            raise ApiError(400, "logit_bias is not supported by this server", "logit_bias")
+        if req.suffix is not None:
+            raise ApiError(400, "suffix is not supported by this server", "suffix")
+        bias = []
+        for key, value in (req.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ApiError(400, f"logit_bias keys are token ids, got {key!r}", "logit_bias")
+            bias.append((int(key), value))
+        if problem := check_logit_bias(bias, tok.n_vocab):
+            raise ApiError(400, problem, "logit_bias")
         if req.best_of is not None and req.best_of != req.n:
             raise ApiError(400, "best_of other than n is not supported by this server", "best_of")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -333,7 +337,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
                 greedy=temperature == 0, temperature=temperature,
                 top_k=None if req.top_k in (None, 0, -1) else req.top_k,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(stop),
-                stop_at_eot=not req.ignore_eos, sliding_window=req.sliding_window)
+                stop_at_eot=not req.ignore_eos, sliding_window=req.sliding_window, logit_bias=tuple(sorted(bias)),
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
         except GenerationError as e:
             raise ApiError(400, str(e)) from None
 

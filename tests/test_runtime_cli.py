@@ -94,6 +94,16 @@ def test_stop_string_cuts_the_output(capsys, tiny_dir):
     assert out == "x" + text[:text.index(stop)] + "\n"
 
 
+def test_logit_bias_and_penalties_from_the_cli(capsys, tiny_dir):
+    args = ["--model", str(tiny_dir), "--prompt", "x", "--greedy", "--max-new-tokens", "30"]
+    plain, _ = run_main(capsys, *args)
+    z = str(CHARS.index("z"))
+    out, _ = run_main(capsys, *args, "--logit-bias", f"{z}=100")
+    assert out == "x" + "z" * 30 + "\n"  # +100 outweighs any logit
+    out, _ = run_main(capsys, *args, "--frequency-penalty", "2", "--presence-penalty", "2")
+    assert out != plain and len(set(out[1:-1])) > len(set(plain[1:-1]))  # repeats cost: more distinct chars
+
+
 def test_onnxruntime_backend_from_the_cli(capsys, tiny_dir, tiny_artifact):
     args = ["--prompt", "to be", "--greedy", "--max-new-tokens", "40"]
     ort_out, ort_err = run_main(capsys, "--model", str(tiny_artifact), "--backend", "onnxruntime", *args)
@@ -222,6 +232,11 @@ BAD_INPUTS = {  # name: (argv after the fixture paths are substituted, part of t
     "negative top-k": (["--model", "{tiny}", "--prompt", "a", "--top-k", "-3"], "--top-k"),
     "top-p above 1": (["--model", "{tiny}", "--prompt", "a", "--top-p", "1.5"], "top_p"),
     "negative seed": (["--model", "{tiny}", "--prompt", "a", "--seed", "-1"], "seed"),
+    "logit bias not ID=BIAS": (["--model", "{tiny}", "--prompt", "a", "--logit-bias", "a=1"], "TOKEN_ID=BIAS"),
+    "logit bias outside the vocabulary": (["--model", "{tiny}", "--prompt", "a", "--logit-bias", "999=1"],
+                                          "outside the tokenizer's vocabulary"),
+    "penalty out of range": (["--model", "{tiny}", "--prompt", "a", "--frequency-penalty", "5"],
+                             "frequency_penalty must be in"),
     "greedy and temperature": (["--model", "{tiny}", "--prompt", "a", "--greedy", "--temperature", "0.5"],
                                "--greedy cannot be combined"),
     "non-numeric": (["--model", "{tiny}", "--prompt", "a", "--max-new-tokens", "ten"], "invalid int value"),

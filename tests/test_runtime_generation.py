@@ -345,3 +345,43 @@ def test_greedy_pick_equals_torch_argmax_ties_nan_and_padding():
     assert got[1] == 7 and got[2] == 123 and got[3] < 50257
     assert sample_next(logits[:, :100].T.contiguous().T, params, 100, None).tolist() == \
         logits[:, :100].argmax(-1).tolist()  # a non-contiguous view
+
+
+def test_logit_bias_and_penalties_adjust_the_logits_before_choosing():
+    """OpenAI's rule on hand-made logits: logit += bias - count * frequency - (count > 0) * presence,
+    counting the row's new tokens; greedy takes the argmax of the adjusted logits."""
+    logits = torch.tensor([[1.0, 0.9, 0.0, -1.0]])
+
+    def pick(generated, **kw) -> int:
+        return int(sample_next(logits, SamplingParams(greedy=True, **kw), 4, None, [generated])[0])
+
+    assert pick([]) == 0
+    assert pick([0, 0], frequency_penalty=0.04) == 0  # 1.0 - 0.08 > 0.9
+    assert pick([0, 0], frequency_penalty=0.06) == 1  # 1.0 - 0.12 < 0.9
+    assert pick([0, 0, 0], presence_penalty=0.05) == 0 and pick([0], presence_penalty=0.15) == 1
+    assert pick([1], presence_penalty=-0.15) == 1  # negative: encourages repeats
+    assert pick([], logit_bias=((3, 2.5),)) == 3 and pick([], logit_bias=((0, -100.0),)) == 1
+    assert torch.equal(logits, torch.tensor([[1.0, 0.9, 0.0, -1.0]]))  # the caller's logits are left alone
+    with pytest.raises(GenerationError, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5)
+
+
+@torch.inference_mode()
+def test_generate_with_penalties_and_bias_equals_a_plain_reference_loop(demo):
+    """runtime.generate (KV cache, a batch of two prompts) against the rule applied by hand to the model's
+    plain forward at every step: identical greedy tokens; the penalties change the text."""
+    prompts = encode(demo, "ROMEO:\n", "KING HENRY VI:\nO God!")
+    params = SamplingParams(max_new_tokens=40, greedy=True, presence_penalty=0.6, frequency_penalty=0.4,
+                            logit_bias=((demo.tokenizer.encode("e")[0], -1.5),))
+    got = generate(demo, prompts, params)
+    plain = generate(demo, prompts, SamplingParams(max_new_tokens=40, greedy=True))
+    for prompt, tokens, untouched in zip(prompts, got.tokens, plain.tokens):
+        seq, new = list(prompt), []
+        for _ in range(40):
+            logits = demo.model(torch.tensor([seq]))[0][0, -1].float()
+            counts = torch.bincount(torch.tensor(new, dtype=torch.long), minlength=logits.shape[0]).float()
+            logits = logits - 0.4 * counts - 0.6 * (counts > 0).float()
+            logits[demo.tokenizer.encode("e")[0]] -= 1.5
+            new.append(int(logits.argmax()))
+            seq.append(new[-1])
+        assert tokens == new and tokens != untouched

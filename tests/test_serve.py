@@ -184,6 +184,10 @@ def test_sliding_window_past_the_context(client, demo):
     (dict(logprobs=6), 400, "logprobs"),  # OpenAI's limit: 5
     (dict(stream_options={"include_usage": True}), 400, "stream_options"),  # without stream
     (dict(extra_body={"top_k": "many"}), 400, "top_k"),
+    (dict(logit_bias={"e": 1}), 400, "logit_bias keys are token ids"),
+    (dict(logit_bias={"999": 1}), 400, "outside"),
+    (dict(logit_bias={"1": 101}), 400, "logit_bias values"),
+    (dict(presence_penalty=2.5), 400, "presence_penalty"),
     (dict(extra_body={"unknown_field": 1}), 400, "unknown_field"),
     (dict(prompt="caf\u00e9"), 400, "not in the model's"),
     (dict(prompt=""), 400, "empty prompt"),
@@ -494,3 +498,19 @@ def test_echo_logprobs_on_a_last_logits_artifact_is_a_clear_400(demo_onnx):
         assert r.status_code == 400 and "--all-logits" in r.json()["error"]["message"]
         r = c.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 3, "logprobs": 1, "temperature": 0})
         assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == 3
+
+
+def test_logit_bias_and_penalties_equal_generate_alone(client, demo):
+    """The scheduler samples with the shared code: greedy and seeded requests with logit_bias and penalties
+    (several in one batch) get runtime.generate's tokens for them alone."""
+    e = str(demo.tokenizer.encode("e")[0])
+    kw = dict(logit_bias={e: -2.0}, presence_penalty=0.5, frequency_penalty=0.3)
+    greedy = client.completions.create(model="demo", prompt=PROMPTS[:3], max_tokens=40, temperature=0, **kw)
+    sampled = client.completions.create(model="demo", prompt=PROMPTS[0], max_tokens=40, temperature=0.9, seed=4,
+                                        extra_body={"top_k": 30}, **kw)
+    same = dict(logit_bias=((int(e), -2.0),), presence_penalty=0.5, frequency_penalty=0.3)
+    for text, choice in zip(PROMPTS[:3], greedy.choices):
+        assert choice.text == alone(demo, text, 40, **same) != alone(demo, text, 40)
+    solo = generate(demo, [demo.tokenizer.encode(PROMPTS[0])],
+                    SamplingParams(max_new_tokens=40, temperature=0.9, top_k=30, seed=4, **same))
+    assert sampled.choices[0].text == solo.texts[0]
