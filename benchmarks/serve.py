@@ -43,10 +43,11 @@ from benchmarks.machine import cpu_snapshot, machine_info, other_cpu_share
 from benchmarks.run import prepare_artifact, prepare_model
 from benchmarks.stats import summarize
 from model.artifact import read_artifact
-from model.errors import CliParser, ModelError, run_cli
+from model.errors import CliParser, ModelError, require_extra, run_cli
 from model.files import write_atomic
 from runtime.loop import SamplingParams, generate
 from runtime.open_backend import open_backend
+from runtime.serve import SERVE_MODULES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "out" / "serve"
@@ -325,6 +326,7 @@ def markdown(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    require_extra("serve", "httpx", *SERVE_MODULES)
     s = resolve(a)
 
     out_dir: Path = a.out.resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -10,6 +11,19 @@ from typing import NoReturn
 
 class ModelError(Exception):
     """A user-facing problem (bad file, bad flag, missing dependency): message is one line."""
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """A one-line ModelError naming the pip extra to install when an optional module is missing."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ModelError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+                         f"pip install -e \".[{extra}]\" (the {extra} extra; make setup installs it)")
 
 
 class CliParser(argparse.ArgumentParser):

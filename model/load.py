@@ -130,7 +130,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download  # optional: the "hub" extra
     except ImportError:
-        raise ModelError(f"{repo_id}: huggingface_hub is not installed; pass a local folder") from None
+        raise ModelError(f"{repo_id}: huggingface_hub is not installed: pip install -e \".[hub]\" (the hub extra), "
+                         "or pass a local folder") from None
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))

@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from model.errors import CliParser, ModelError, run_cli
+from model.errors import CliParser, ModelError, require_extra, run_cli
 from runtime.logprobs import MAX_LOGPROBS, TextOffsets, openai_logprobs
 from runtime.loop import GenerationError, SamplingParams, check_prompts
 from runtime.open_backend import BACKENDS, add_backend_flags, open_backend
@@ -535,8 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SERVE_MODULES = ("fastapi", "starlette", "pydantic", "uvicorn", "prometheus_client")  # the "serve" extra
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    require_extra("serve", *SERVE_MODULES)
     if not 0 <= args.port <= 65535:
         raise ModelError(f"--port must be in 0..65535, got {args.port}")
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
@@ -547,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelError(f"--drain-timeout must be > 0, got {args.drain_timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise ModelError("--api-key must not be empty")
-    import uvicorn  # the "serve" extra
+    import uvicorn
 
     backend = open_backend(args.backend, args.model, device=args.device, provider=args.provider,
                            threads=args.threads)

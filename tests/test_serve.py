@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -514,3 +515,16 @@ def test_logit_bias_and_penalties_equal_generate_alone(client, demo):
     solo = generate(demo, [demo.tokenizer.encode(PROMPTS[0])],
                     SamplingParams(max_new_tokens=40, temperature=0.9, top_k=30, seed=4, **same))
     assert sampled.choices[0].text == solo.texts[0]
+
+
+@pytest.mark.parametrize("module", ["uvicorn", "fastapi", "prometheus_client"])
+def test_a_missing_serve_dependency_is_one_line_naming_the_extra(module, monkeypatch, capsys):
+    from model.errors import run_cli
+    from runtime import serve
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if it were not installed
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: serve.main(["--model", "demo"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{module} is not installed" in err and 'pip install -e ".[serve]"' in err
