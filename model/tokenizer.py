@@ -34,6 +34,7 @@ class Tokenizer:
     eot_token: int | None
     encode: Callable[[str], list[int]] = field(repr=False)
     decode: Callable[[list[int]], str] = field(repr=False)
+    encoding: tiktoken.Encoding | None = field(default=None, repr=False)  # GPT-2's (structured output needs it)
 
 
 def gpt2_tokenizer(bpe_dir: Path = BPE_DIR) -> Tokenizer:
@@ -56,7 +57,7 @@ def gpt2_tokenizer(bpe_dir: Path = BPE_DIR) -> Tokenizer:
     return Tokenizer(
         spec={"type": "gpt2"}, n_vocab=enc.n_vocab, eot_token=GPT2_EOT,
         encode=lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}),
-        decode=enc.decode,
+        decode=enc.decode, encoding=enc,
     )
 
 

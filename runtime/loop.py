@@ -32,6 +32,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -63,6 +64,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits (runtime/sampling.py)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    grammar: Any = None  # runtime.structured.Grammar: structured output (JSON schema, regex, Lark)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -160,12 +162,18 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, ba
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, n_vocab: int,
-                generator: torch.Generator | None, generated: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+                generator: torch.Generator | None, generated: Sequence[Sequence[int]] | None = None,
+                guides: Sequence[Any] | None = None) -> torch.Tensor:
     """logits [batch, vocab_size] (any device) -> next ids [batch] int64 on CPU. generated[i]: row i's new
-    tokens so far (the penalties count them)."""
+    tokens so far (the penalties count them); guides[i]: row i's structured-output guide (the caller
+    advances it with the token chosen)."""
     logits = logits[:, :n_vocab].float().cpu()
     if params.logit_bias or params.presence_penalty or params.frequency_penalty:
         logits = adjust_logits(logits, params.logit_bias, params.presence_penalty, params.frequency_penalty, generated)
+    if guides is not None:
+        from runtime.structured import constrain  # (it imports this module)
+
+        logits = constrain(logits, list(guides))
     if params.is_greedy:
         # numpy's argmax (same result: the first maximum, NaN counting as the maximum) runs on this thread;
         # torch's splits 50k logits across its intra-op pool, whose threads then keep spinning through the
@@ -183,6 +191,15 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, n_vocab: int,
         sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)  # the first always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def new_guides(params: SamplingParams, tok: Any, rows: int) -> list[Any] | None:
+    """Each row's structured-output guide (runtime/structured.py), or None without a grammar."""
+    if params.grammar is None:
+        return None
+    from runtime.structured import new_guide
+
+    return [new_guide(params.grammar, tok) for _ in range(rows)]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,6 +294,7 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
     reasons = ["length"] * batch
     running = [True] * batch
     watchers = [StopStringScanner(tok.decode, params.stop, i, on_text) for i in range(batch)]
+    guides = new_guides(params, tok, batch)
     result = GenerationResult(prompts, tokens, [""] * batch, reasons, seed)
 
     def take(next_ids: torch.Tensor) -> None:
@@ -288,8 +306,13 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
                 watchers[i].update(tokens[i], final=True)
                 continue
             tokens[i].append(t)
+            if guides is not None:
+                guides[i].advance(t)
             if watchers[i].update(tokens[i]):
                 running[i], reasons[i] = False, "stop"
+            elif guides is not None and guides[i].finished:  # the grammar is complete
+                running[i], reasons[i] = False, "stop"
+                watchers[i].update(tokens[i], final=True)
             elif len(tokens[i]) == params.max_new_tokens:
                 running[i] = False
                 watchers[i].update(tokens[i], final=True)
@@ -297,7 +320,7 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
     backend.reset(batch, total)
     t0 = time.perf_counter()
     logits = backend.prefill(input_ids.to(device), attention_mask[:, :prompt_len], position_ids.to(device))
-    next_ids = sample_next(logits, params, tok.n_vocab, generator, tokens)  # .cpu() inside: synchronises
+    next_ids = sample_next(logits, params, tok.n_vocab, generator, tokens, guides)  # .cpu() inside: synchronises
     result.prefill_ms = (time.perf_counter() - t0) * 1e3
     take(next_ids)
 
@@ -313,7 +336,7 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
             ids, mask, pos = window_inputs([p + t for p, t in zip(prompts, tokens)], limit)
             backend.reset(batch, ids.shape[1])
             logits = backend.prefill(ids.to(device), mask.to(device), pos.to(device))
-        next_ids = sample_next(logits, params, tok.n_vocab, generator, tokens)
+        next_ids = sample_next(logits, params, tok.n_vocab, generator, tokens, guides)
         result.decode_tokens += sum(running)
         take(next_ids)
     result.decode_s = time.perf_counter() - t0

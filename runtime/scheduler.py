@@ -29,12 +29,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from model.errors import ModelError
 from runtime.backend import Backend
 from runtime.logprobs import TokenLogprob, token_logprobs
-from runtime.loop import SamplingParams, StopStringScanner, context_limit, sample_next, window_inputs
+from runtime.loop import SamplingParams, StopStringScanner, context_limit, new_guides, sample_next, window_inputs
 
 FINISH_REASONS = ("eot", "stop", "length", "cancelled", "error")
 
@@ -88,6 +90,7 @@ class _Row:
     seq: list[int]  # prompt + new tokens: what the row conditions on
     cached: int = 0  # this row's positions in the backend cache (right-aligned)
     sent: int = 0  # characters of watcher.text passed to on_event
+    guide: Any = None  # structured output (runtime/structured.py)
 
 
 DEFAULT_PREFILL_TOKENS_PER_STEP = 512
@@ -217,6 +220,11 @@ class Scheduler:
                 c.seed = c.params.seed if c.params.seed is not None else secrets.randbits(62)
                 generator = torch.Generator().manual_seed(c.seed)
             row = _Row(c, generator, StopStringScanner(b.tokenizer.decode, c.params.stop, 0, None), list(c.prompt))
+            try:
+                row.guide = (new_guides(c.params, b.tokenizer, 1) or [None])[0]
+            except ModelError as e:  # the server checks the grammar first; a library caller may not have
+                self._done(c, "error", str(e))
+                continue
             ids, mask, pos = window_inputs([c.prompt], self.limit)
             if c.score_prompt:  # the server checked that the prompt fits and that the backend can
                 every, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device), all_logits=True)
@@ -243,14 +251,15 @@ class Scheduler:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         n_vocab = self.backend.tokenizer.n_vocab
         out = [0] * len(rows)
-        plain = [i for i, r in enumerate(rows) if r.completion.params.is_greedy and not _adjusts(r.completion.params)]
+        plain = [i for i, r in enumerate(rows)
+                 if r.completion.params.is_greedy and not _adjusts(r.completion.params) and r.guide is None]
         if plain:
             for i, t in zip(plain, logits[plain, :n_vocab].argmax(-1).tolist()):
                 out[i] = t
         for i, r in enumerate(rows):
             if i not in plain:  # sampled, or greedy after logit_bias / penalties
                 out[i] = int(sample_next(logits[i:i + 1], r.completion.params, n_vocab, r.generator,
-                                         [r.completion.tokens])[0])
+                                         [r.completion.tokens], None if r.guide is None else [r.guide])[0])
         return out
 
     def _sample_one(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
@@ -274,7 +283,12 @@ class Scheduler:
             if logprob is not None:
                 c.token_logprobs.append(logprob)
             row.seq.append(token)
+            if row.guide is not None:
+                row.guide.advance(token)
             if row.watcher.update(c.tokens):
+                reason = "stop"
+            elif row.guide is not None and row.guide.finished:  # the grammar is complete
+                row.watcher.update(c.tokens, final=True)
                 reason = "stop"
             elif len(c.tokens) == params.max_new_tokens:
                 row.watcher.update(c.tokens, final=True)

@@ -93,6 +93,11 @@ def completion_request_model():
         logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's) -> -100..100
         presence_penalty: float | None = None
         frequency_penalty: float | None = None
+        # structured output: {"type": "json_schema", "json_schema": {"schema": ...}}, {"type": "json_object"},
+        # {"type": "text"} (as vLLM and TensorRT-LLM take them on completions); extensions as vLLM names them
+        response_format: dict[str, Any] | None = None
+        guided_regex: str | None = None
+        guided_grammar: str | None = None  # a Lark grammar
         # OpenAI fields this server does not implement: accepted only at their "off" value
         best_of: int | None = None
         suffix: str | None = None
@@ -313,6 +318,40 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
                 "eos_token_id": eot, "eos_token": None if eot is None else tok.decode([eot]),
                 "bos_token": None, "pad_token": None, "add_bos_token": False}
 
+    def grammar(req: Any) -> Any:
+        """The request's structured-output grammar (runtime/structured.py), checked against the vocabulary."""
+        fmt = req.response_format or {"type": "text"}
+        kind = fmt.get("type")
+        asked = [name for name, given in (("response_format", kind != "text"), ("guided_regex", req.guided_regex),
+                                          ("guided_grammar", req.guided_grammar)) if given]
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise ApiError(400, f"give one of {', '.join(asked)}, not several", asked[1])
+        try:
+            require_extra("structured", "llguidance")
+            from runtime import structured
+
+            if req.guided_regex is not None:
+                g = structured.regex_grammar(req.guided_regex)
+            elif req.guided_grammar is not None:
+                g = structured.lark_grammar(req.guided_grammar)
+            elif kind == "json_object":
+                g = structured.json_object_grammar()
+            elif kind == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, (dict, bool)):
+                    raise ApiError(400, 'response_format json_schema needs {"json_schema": {"schema": {...}}}',
+                                   "response_format")
+                g = structured.json_schema_grammar(schema)
+            else:
+                raise ApiError(400, f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                               "response_format")
+            structured.new_guide(g, tok)  # an invalid grammar, or one this vocabulary cannot spell: 400 now
+        except ModelError as e:
+            raise ApiError(400, str(e), asked[0]) from None
+        return g
+
     def sampling_params(req: Any) -> SamplingParams:
         if req.suffix is not None:
             raise ApiError(400, "suffix is not supported by this server", "suffix")
@@ -338,7 +377,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
                 top_k=None if req.top_k in (None, 0, -1) else req.top_k,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(stop),
                 stop_at_eot=not req.ignore_eos, sliding_window=req.sliding_window, logit_bias=tuple(sorted(bias)),
-                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                grammar=grammar(req))
         except GenerationError as e:
             raise ApiError(400, str(e)) from None
 
