@@ -20,8 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from model.errors import CliParser, ModelError, run_cli
-from runtime.loop import GenerationResult, SamplingParams, generate, prepare_prompts
+from model.errors import CliParser, ModelError, require_extra, run_cli
+from runtime.loop import GenerationResult, SamplingParams, generate, new_guides, prepare_prompts
 from runtime.open_backend import BACKENDS, add_backend_flags, open_backend
 
 DEFAULT_MODEL = "demo"
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frequency-penalty", type=float, default=DEFAULTS.frequency_penalty, metavar="X",
                    help="subtract X (-2..2) times its count so far from each generated token's logit "
                         "(default: %(default)s)")
+    p.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                   help="constrain the output to JSON valid under this JSON schema (the structured extra: "
+                        "llguidance); a sample ends when its JSON is complete (default: free text)")
     p.add_argument("--truncate", action="store_true",
                    help="if prompt + --max-new-tokens exceeds the model's block_size (or the artifact's max_seq_len), "
                         "keep only the last block_size - max_new_tokens prompt tokens (default: refuse with an error)")
@@ -114,7 +117,15 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         top_k=top_k, top_p=DEFAULTS.top_p if args.top_p is None else args.top_p,
         seed=args.seed, stop=tuple(args.stop), truncate=args.truncate, sliding_window=args.sliding_window,
         logit_bias=tuple(bias), presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        grammar=None if args.json_schema is None else json_schema_file(args.json_schema),
     )
+
+
+def json_schema_file(path: Path):
+    require_extra("structured", "llguidance")
+    from runtime.structured import read_json_schema
+
+    return read_json_schema(str(path))
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -159,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if not prompt_ids:
         raise ModelError("the prompt encodes to zero tokens")
     prepare_prompts([prompt_ids], params, backend)  # fails here, before any output
+    new_guides(params, backend.tokenizer, 1)  # and so does a schema the vocabulary cannot spell
 
     def stream(_row: int, text: str) -> None:
         sys.stdout.write(text)

@@ -528,3 +528,51 @@ def test_a_missing_serve_dependency_is_one_line_naming_the_extra(module, monkeyp
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"{module} is not installed" in err and 'pip install -e ".[serve]"' in err
+
+
+STRUCT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "n", "ok"],
+                 "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"},
+                                "n": {"type": "integer", "minimum": -5, "maximum": 500}}}
+
+
+def test_response_format_json_schema_validates(gpt2_client):
+    """response_format as vLLM and TensorRT-LLM take it on completions: every choice parses and validates,
+    greedy and sampled, streamed too, beside a row without a schema in the same batch."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": STRUCT_SCHEMA}}
+    c = gpt2_client
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        free = pool.submit(c.completions.create, model="gpt2", prompt="Hi", max_tokens=60, temperature=0)
+        r = c.completions.create(model="gpt2", prompt=["Hello", "The weather"], n=2, max_tokens=60, temperature=1.0,
+                                 seed=5, extra_body={"response_format": fmt})
+        assert free.result(CLIENT_TIMEOUT_S).usage.completion_tokens > 0
+    for choice in r.choices:
+        jsonschema.validate(json.loads(choice.text), STRUCT_SCHEMA)
+        assert choice.finish_reason == "stop"
+    chunks = list(c.completions.create(model="gpt2", prompt="Hello", max_tokens=60, temperature=0, stream=True,
+                                       extra_body={"response_format": fmt}))
+    jsonschema.validate(json.loads("".join(ch.choices[0].text for ch in chunks)), STRUCT_SCHEMA)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"response_format": {"type": "json_object"}}, "cannot spell"),  # the demo's vocabulary has no `{`
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": STRUCT_SCHEMA}}}, "cannot spell"),
+    ({"response_format": {"type": "json_schema"}}, "json_schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format type"),
+    ({"guided_regex": "(", "max_tokens": 5}, "regex"),
+    ({"guided_regex": "[a-z]+", "response_format": {"type": "json_object"}}, "not several"),
+])
+def test_structured_output_refusals(server, body, fragment):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "A", "max_tokens": 5, **body}, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+
+
+def test_guided_regex_on_a_char_model(client):
+    import re
+
+    regex = r"[A-Z][a-z]+( [a-z]+){2,4}\."
+    r = client.completions.create(model="demo", prompt="ROMEO:\n", max_tokens=60, temperature=0.8, seed=2,
+                                  extra_body={"guided_regex": regex})
+    assert re.fullmatch(regex, r.choices[0].text) and r.choices[0].finish_reason == "stop"
