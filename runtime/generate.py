@@ -123,7 +123,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def json_schema_file(path: Path):
     require_extra("structured", "llguidance")
-    from runtime.structured import read_json_schema
+    from runtime.structured import read_json_schema  # llguidance (the structured extra) only when asked for
 
     return read_json_schema(str(path))
 

@@ -197,7 +197,7 @@ def new_guides(params: SamplingParams, tok: Any, rows: int) -> list[Any] | None:
     """Each row's structured-output guide (runtime/structured.py), or None without a grammar."""
     if params.grammar is None:
         return None
-    from runtime.structured import new_guide
+    from runtime.structured import new_guide  # it imports this module; and llguidance only when asked for
 
     return [new_guide(params.grammar, tok) for _ in range(rows)]
 

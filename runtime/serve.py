@@ -330,7 +330,7 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
             raise ApiError(400, f"give one of {', '.join(asked)}, not several", asked[1])
         try:
             require_extra("structured", "llguidance")
-            from runtime import structured
+            from runtime import structured  # llguidance (the structured extra) only when asked for
 
             if req.guided_regex is not None:
                 g = structured.regex_grammar(req.guided_regex)
