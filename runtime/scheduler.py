@@ -2,10 +2,11 @@
 
 Each iteration (`Scheduler.step`):
 1. cancelled rows leave the batch (`release_row`: their slot is free at once) or the queue;
-2. waiting requests join while rows are free (up to a budget of prompt tokens per iteration): each
-   prompt is prefilled alone (`prefill_rows`, batch 1, the same computation as runtime.generate on
-   that prompt alone), its first token sampled, and its cache placed beside the running rows
-   (`add_rows`: left padding, per-row positions);
+2. waiting requests join while rows are free (up to a budget of prompt tokens per iteration): their
+   prompts are prefilled together in one `prefill_rows` call, left-padded to the longest (as
+   runtime.generate prefills a batch; a request to echo-score is prefilled alone, for every
+   position's logits), each row's first token sampled, and the rows that go on are placed beside
+   the running rows (`add_rows`: left padding, per-row positions);
 3. one decode step for the whole running batch: every row feeds its last token at its own position;
    the padding every row has in common is dropped first (`trim_left`) once it is a quarter of the
    cached length or the cache is full: every step reads and copies all cached positions of every row,
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from model.errors import ModelError
-from runtime.backend import Backend
+from runtime.backend import Backend, RowCache
 from runtime.logprobs import TokenLogprob, token_logprobs
 from runtime.loop import SamplingParams, StopStringScanner, context_limit, new_guides, sample_next, window_inputs
 
@@ -204,8 +205,10 @@ class Scheduler:
         return True
 
     def _admit(self) -> bool:
-        b, admitted, budget = self.backend, False, self.prefill_tokens_per_step
-        while self.active < self.max_batch and budget > 0:
+        """Waiting requests join while rows are free, up to the prefill budget: one prefill for all of them
+        (left-padded together; a row to echo-score is prefilled alone, for every position's logits)."""
+        b, admitted, budget, group = self.backend, False, self.prefill_tokens_per_step, []
+        while self.active + len(group) < self.max_batch and budget > 0:
             with self._cv:
                 if not self.waiting:
                     break
@@ -225,28 +228,44 @@ class Scheduler:
             except ModelError as e:  # the server checks the grammar first; a library caller may not have
                 self._done(c, "error", str(e))
                 continue
-            ids, mask, pos = window_inputs([c.prompt], self.limit)
-            if c.score_prompt:  # the server checked that the prompt fits and that the backend can
-                every, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device), all_logits=True)
-                every = every[0].float().cpu()
-                c.prompt_logprobs = [None, *token_logprobs(every[:-1], c.prompt[1:], c.logprobs or 0,
-                                                           b.tokenizer.n_vocab)]
-                logits = every[-1:]
+            if c.score_prompt:
+                self._prefill([row])
             else:
-                logits, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device))
-                logits = logits.float().cpu()
-            if c.score_only:
-                self._done(c, "length")
-                continue
-            row.cached = ids.shape[1]
-            if not self._take(row, *self._sample_one([row], logits)[0], joined=False):
-                continue
-            if row.cached + 1 <= self.limit:
-                b.add_rows(cache)
-                self.rows.append(row)
-            else:  # a sliding-window prompt as long as the context: every step re-runs its window
-                self.windowed.append(row)
+                group.append(row)
+        if group:
+            self._prefill(group)
         return admitted
+
+    def _prefill(self, group: list[_Row]) -> None:
+        """One prefill of these rows (left-padded to the longest), their first tokens, and the rows that go
+        on join the running batch, right-aligned: a row's left padding stays masked, as in a decode step."""
+        b, n_vocab = self.backend, self.backend.tokenizer.n_vocab
+        ids, mask, pos = window_inputs([r.completion.prompt for r in group], self.limit)
+        if group[0].completion.score_prompt:  # alone: the server checked that the prompt fits and the backend can
+            c = group[0].completion
+            every, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device), all_logits=True)
+            every = every[0].float().cpu()
+            c.prompt_logprobs = [None, *token_logprobs(every[:-1], c.prompt[1:], c.logprobs or 0, n_vocab)]
+            logits = every[-1:]
+        else:
+            logits, cache = b.prefill_rows(ids.to(b.device), mask.to(b.device), pos.to(b.device))
+            logits = logits.float().cpu()
+        going_on = []
+        for i, (row, (token, logprob)) in enumerate(zip(group, self._sample_one(group, logits))):
+            if row.completion.score_only:
+                self._done(row.completion, "length")
+                continue
+            row.cached = int(mask[i].sum())  # its real tokens; the padding before them is never attended to
+            if self._take(row, token, logprob, joined=False):
+                going_on.append(i)
+        cached = [i for i in going_on if group[i].cached + 1 <= self.limit]
+        if cached:
+            if len(cached) < len(group):
+                cache = RowCache([(k[cached], v[cached]) for k, v in cache.layers])
+            b.add_rows(cache)
+            self.rows.extend(group[i] for i in cached)
+        # a sliding-window prompt as long as the context: every step re-runs its window
+        self.windowed.extend(group[i] for i in going_on if group[i].cached + 1 > self.limit)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         n_vocab = self.backend.tokenizer.n_vocab

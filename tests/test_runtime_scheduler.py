@@ -276,3 +276,31 @@ def test_prompt_and_token_logprobs_equal_the_torch_models_log_softmax(scoring_ba
             assert abs(entries[j].logprob - ref[j - 1, seq[j]].item()) <= 1e-4, (j, c.prompt)
             top = dict(entries[j].top)
             assert set(top) == set(ref[j - 1].topk(c.logprobs).indices.tolist()) | {seq[j]}
+
+
+def test_requests_joining_together_share_one_prefill(backend, monkeypatch):
+    """Requests that join in the same iteration are prefilled together (left-padded), yet each gets the
+    tokens runtime.generate gives it alone: one that ends on its first token, a sliding-window prompt as
+    long as the context (it skips the cached batch), and ordinary ones of different lengths."""
+    tok, limit = backend.tokenizer, backend.config.block_size
+    calls = []
+    real = backend.prefill_rows
+    monkeypatch.setattr(backend, "prefill_rows",
+                        lambda ids, *a, **k: (calls.append(ids.shape[0]), real(ids, *a, **k))[1])
+    text = open("model/assets/tinyshakespeare-val.txt").read()
+    jobs = [(tok.encode("ROMEO:\n"), SamplingParams(max_new_tokens=30, greedy=True)),
+            (tok.encode("A"), SamplingParams(max_new_tokens=1, greedy=True)),
+            (tok.encode(text[:limit + 20]), SamplingParams(max_new_tokens=20, greedy=True, sliding_window=True)),
+            (tok.encode("KING HENRY VI:\nO God! methinks it were a happy life,"),
+             SamplingParams(max_new_tokens=25, temperature=0.9, top_k=30, seed=2)),
+            (tok.encode("JULIET:\n"), SamplingParams(max_new_tokens=40, greedy=True))]
+    rows = [Completion(p, params) for p, params in jobs]
+    scheduler = Scheduler(backend, max_batch=8, max_queue=8)
+    scheduler.submit(rows)
+    scheduler.step()
+    assert calls[0] == len(jobs) and rows[1].finish_reason == "length"
+    assert (len(scheduler.rows), len(scheduler.windowed), backend.rows) == (3, 1, 3)
+    while not all(c.finish_reason for c in rows):
+        scheduler.step()
+    for (prompt, params), c in zip(jobs, rows):
+        assert c.tokens == generate(backend, [prompt], params).tokens[0], params
