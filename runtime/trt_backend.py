@@ -51,6 +51,7 @@ from runtime.backend import (
     check_room,
     check_row,
     check_trim,
+    check_verifies,
     describe,
     shift_rows,
     write_rows,
@@ -282,6 +283,16 @@ class TensorRTBackend:
         if n:
             with torch.cuda.stream(self.stream):
                 self._shift(-n)
+
+    # ---- speculative decoding (runtime/backend.py): an engine returns the last position's logits only
+    verifies_tokens = False
+
+    def decode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor) -> torch.Tensor:
+        check_verifies(self, "its engine returns the last position's logits only")
+
+    def trim_right(self, n: int) -> None:
+        check_verifies(self, "its engine returns the last position's logits only: nothing to roll back")
 
     def _batch_view(self, layer: int, kind: str, B: int, P: int) -> torch.Tensor:
         """The running batch's [B, H, P, D] cache of one layer and kind."""
