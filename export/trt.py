@@ -63,7 +63,8 @@ def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
 
 
 def refuse_quantized(artifact_dir: Path, spec: ExportSpec) -> None:
-    """TensorRT cannot build export/quantize.py's graphs; say so before any TensorRT work.
+    """TensorRT cannot build export/quantize.py's graphs, nor the ort graph (ONNX Runtime's com.microsoft
+    operators, which onnx-tensorrt does not import); say so before any TensorRT work.
 
     - INT8 with block scales: "Block dequantization is supported for input types DataType::kFP4,
       DataType::kFP8 and DataType::kINT4" (NVIDIA/TensorRT include/NvInfer.h, class IDequantizeLayer).
@@ -75,6 +76,10 @@ def refuse_quantized(artifact_dir: Path, spec: ExportSpec) -> None:
       (onnx-tensorrt docs/operators.md), and its DequantizeLinear would scale an activation with a
       dynamic rank-3 scale ("Activations cannot be quantized per-channel", NvInfer.h IDequantizeLayer).
     """
+    if spec.graph == "ort":
+        raise ModelError(f"{artifact_dir}: this is the ort graph (ONNX Runtime's own GroupQueryAttention and "
+                         "SkipLayerNormalization), which TensorRT does not parse; export with --graph fused for "
+                         "TensorRT")
     if spec.quantize is None:
         return
     reasons = []

@@ -146,9 +146,13 @@ class ExportSpec:
     def for_model(cls, config: GPTConfig, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
                   graph: str | None = None, max_seq_len: int | None = None, all_logits: bool = False,
                   quantize: str | None = None, quant_block: int | None = None) -> ExportSpec:
-        """The spec for exporting a model of `config`: graph defaults to fused at opset >= 23, max_seq_len to the
-        block_size, quant_block (with quantize) to DEFAULT_QUANT_BLOCK. ValueError on a bad choice."""
-        spec = cls(dtype=dtype, opset=opset, graph=graph or ("fused" if opset >= FUSED_MIN_OPSET else "decomposed"),
+        """The spec for exporting a model of `config`: graph defaults to ort for a quantized export (when the model's
+        head_dim allows it), else to fused at opset >= 23, decomposed below; max_seq_len to the block_size,
+        quant_block (with quantize) to DEFAULT_QUANT_BLOCK. ValueError on a bad choice."""
+        if graph is None:  # quantized graphs run on ONNX Runtime only: its fastest graph where it can take the model
+            ort_ok = quantize is not None and opset >= QUANT_MIN_OPSET and config.head_dim % 8 == 0
+            graph = "ort" if ort_ok else "fused" if opset >= FUSED_MIN_OPSET else "decomposed"
+        spec = cls(dtype=dtype, opset=opset, graph=graph,
                    max_seq_len=config.block_size if max_seq_len is None else max_seq_len,
                    logits="all" if all_logits else "last", quantize=quantize,
                    quant_block=DEFAULT_QUANT_BLOCK if quantize is not None and quant_block is None else quant_block)
