@@ -467,7 +467,7 @@ def section_tensorrt_aliasing(ctx: dict) -> dict:
     import tensorrt as trt
     import torch
 
-    import export.plugins.register  # noqa: F401 - the plugin creators, before deserializing
+    import export.plugins.register  # noqa: F401 - the plugin creators for build_engine's parser
     from export.onnx import export_artifact
     from export.trt import build_engine
     from model.artifact import engine_files

@@ -14,7 +14,8 @@ optimization profile (0 = prefill, 1 = decode), so no profile switch happens bet
   past (prefill) still gets a real, non-null address.
 
 The manifest written with the plan must name this process's TensorRT version and GPU, else the
-engine is refused with a one-line error. Every call whose failure the Python bindings report by a
+engine is refused with a one-line error. Plugin engines are AOT: loading one imports neither Triton nor the
+plugin definitions (export/plugins/register.py). Every call whose failure the Python bindings report by a
 return value is checked, every engine I/O tensor must have an address before execute_async_v3, and
 the input copies wait for the caller's stream. Written against the documented API and
 python/src/infer/pyCore.cpp; tests/test_trt_backend_calls.py checks the calls against a stand-in
@@ -78,9 +79,10 @@ class TensorRTBackend:
         plan_path = self.artifact_dir / manifest.plan["file"]
         if not plan_path.is_file() or sha256_file(plan_path) != manifest.plan["sha256"]:
             raise ModelError(f"{plan_path}: missing or does not match its manifest; rebuild with python -m export.trt")
-        if manifest.plugins:
-            import export.plugins.register  # noqa: F401 - creators for test-only JIT (aot=0) nodes
-
+        # no export.plugins.register here: every engine export.trt builds is AOT (graph_pass.AOT), its kernels are
+        # in the plan, and NVIDIA's quickly_deployable_plugins README ("Loading and running a TRT engine containing
+        # an AOT plugin") says such an engine "does not require any Python modules or definitions to be present at
+        # runtime": a serving host needs neither Triton nor tensorrt.plugin
         self.manifest = manifest
         self.variant = manifest.variant
         self.static_cache = manifest.kv_cache == "static"  # attention plugin: in-place cache
