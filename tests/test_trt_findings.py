@@ -77,3 +77,14 @@ def test_loading_a_plugin_engine_needs_no_plugin_definitions(demo_onnx, monkeypa
         (demo_onnx / plan_name).unlink()
         (demo_onnx / manifest_name).unlink()
     assert seen == {"plan": b"not a plan"}  # deserialization reached with the plugin definitions unimportable
+
+
+def test_docs_cite_nvidias_sample_binding_an_aliased_output_to_its_input():
+    """Finding 4: docs/tensorrt.md said NVIDIA's samples never bind an aliased network output to its input's
+    address; qdp_runner.py's run_inplace_add does exactly that. Only whether TensorRT copies stays open."""
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "tensorrt.md").read_text().split())
+    assert "never make the aliased output a network output" not in text
+    assert "qdp_runner.py:85-129" in text and "run_inplace_add" in text
+    assert 'context.set_tensor_address("x", x.data_ptr())' in text and "whether TensorRT **copies**" in text
