@@ -1,7 +1,7 @@
 """Build a TensorRT engine from an export artifact.
 
     python -m export.trt --model DIR [--plugins attention,gelu | --no-plugins] [--max-batch N]
-                         [--max-seq-len N] [--timing-cache FILE] [--tf32] [--graph-only]
+                         [--max-seq-len N] [--timing-cache FILE] [--tf32] [--graph-only] [--check-only]
 
 With plugins (the default) the artifact's fused ONNX is rewritten into the plugin graph
 (export/plugins/graph_pass.py: static in-place KV cache, Triton kernels compiled ahead of time) and
@@ -9,7 +9,9 @@ written beside it as model.plugins.onnx; --no-plugins parses the artifact's own 
 I/O, TensorRT's native Attention/Gelu importers). Two optimization profiles: 0 = prefill, 1 = decode.
 The plan and its manifest (model/artifact.EngineManifest: TensorRT version, GPU, profiles, plugins, source
 ONNX sha256) are written beside the ONNX as trt_plugins.plan/.json or trt_native.plan/.json.
---graph-only writes the plugin graph and stops (needs neither TensorRT nor a GPU).
+--graph-only writes the plugin graph and stops (needs neither TensorRT nor a GPU). Every build first runs the
+TensorRT-parser lint (export/trt_lint.py: onnx-tensorrt's rules for the ops, attributes and types we emit) on the
+graph it would parse and refuses with one line naming the rule; --check-only runs only the lint (no TensorRT).
 
 Written against TensorRT's documented Python API for 10.14+ and 11.x (strongly typed networks:
 precision comes from the ONNX types; builder flags are looked up by name).
@@ -26,6 +28,7 @@ from typing import Any
 import onnx
 import torch
 
+from export import trt_lint
 from export.plugins.graph_pass import OPTION_NAMES, GraphPassError, to_plugin_graph
 from model.artifact import (
     DECODE,
@@ -35,7 +38,6 @@ from model.artifact import (
     PREFILL,
     PROFILE_NAMES,
     EngineManifest,
-    ExportSpec,
     engine_files,
     gpu_identity,
     read_artifact,
@@ -62,35 +64,19 @@ def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
     return names
 
 
-def refuse_quantized(artifact_dir: Path, spec: ExportSpec) -> None:
-    """TensorRT cannot build export/quantize.py's graphs; say so before any TensorRT work.
-
-    - INT8 with block scales: "Block dequantization is supported for input types DataType::kFP4,
-      DataType::kFP8 and DataType::kINT4" (NVIDIA/TensorRT include/NvInfer.h, class IDequantizeLayer).
-    - INT4 blocks: "The supported block sizes are {64, 128}" (TensorRT docs, inference-library/
-      quantized-types-schemes.html, INT4); onnx-tensorrt ignores DequantizeLinear's block_size and infers
-      the block from the scale shape (onnxOpImporters.cpp QuantDequantLinearHelper), so a wrong block
-      fails only in the builder.
-    - The embedding table is an INT8 Gather: Gather takes "FP32, FP16, BF16, INT32, INT64, BOOL"
-      (onnx-tensorrt docs/operators.md), and its DequantizeLinear would scale an activation with a
-      dynamic rank-3 scale ("Activations cannot be quantized per-channel", NvInfer.h IDequantizeLayer).
-    """
-    if spec.quantize is None:
-        return
-    reasons = []
-    if spec.quantize == "int8":
-        reasons.append("TensorRT has no INT8 block scales")
-    elif spec.quant_block not in (64, 128):
-        reasons.append("TensorRT's INT4 blocks are 64 or 128")
-    reasons.append("its int8 embedding table feeds a Gather, which TensorRT does not take in INT8")
-    raise ModelError(f"{artifact_dir}: this artifact is {spec.quantize}-quantized (block {spec.quant_block}) and "
-                     f"TensorRT cannot build it ({'; '.join(reasons)}); export a float artifact for TensorRT")
+def check_parser_rules(artifact_dir: Path, plugins: tuple[str, ...]) -> None:
+    """The TensorRT-parser lint (export/trt_lint.py) on the graph this build would parse, before any TensorRT work:
+    a ModelError of one line naming the first rule broken.
+    Quantized artifacts pass or fail here like any other (the int8 Gather, INT8 block scales, INT4 blocks)."""
+    name, graph = trt_lint.graph_to_parse(artifact_dir, plugins)
+    findings = trt_lint.lint_model(graph)
+    if findings:
+        raise ModelError(trt_lint.refusal(str(artifact_dir / name), findings))
 
 
 def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...]) -> Path:
     """Rewrite the artifact's model.onnx into the plugin graph, written atomically beside it."""
     art = read_artifact(artifact_dir, verify=True)
-    refuse_quantized(artifact_dir, art.spec)
     if art.spec.graph != "fused":
         raise ModelError(f"{artifact_dir}: plugins need the fused export (this one is "
                          f"{art.spec.graph!r}; re-export with --opset 23, or pass --no-plugins)")
@@ -98,8 +84,12 @@ def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...]) -> Path:
     try:
         plugin_graph = to_plugin_graph(model, plugins)  # aot=1 on every plugin node: graph_pass.AOT
     except GraphPassError as e:
+        check_parser_rules(artifact_dir, ())  # a graph the pass cannot take may break a parser rule: name it
         raise ModelError(f"{artifact_dir / MODEL_FILE}: {e}") from None
     del model
+    findings = trt_lint.lint_model(plugin_graph)
+    if findings:
+        raise ModelError(trt_lint.refusal(str(artifact_dir / PLUGIN_GRAPH_FILE), findings))
     out = artifact_dir / PLUGIN_GRAPH_FILE
     tmp_dir = Path(tempfile.mkdtemp(prefix=".plugins.tmp-", dir=artifact_dir))
     try:
@@ -176,7 +166,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     its I/O tensors (NvInfer.h IBuilderConfig::setProfilingVerbosity; benchmarks/gpu_check.py uses it)."""
     artifact_dir = Path(artifact_dir)
     art = read_artifact(artifact_dir, verify=True)
-    refuse_quantized(artifact_dir, art.spec)
+    check_parser_rules(artifact_dir, plugins)
     limit = art.spec.max_seq_len
     max_seq_len = limit if max_seq_len is None else max_seq_len
     if not 2 <= max_seq_len <= limit:
@@ -314,9 +304,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-cache", help="timing cache file to read and update (speeds up rebuilds)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 GEMMs (faster, ~1e-3 logits error)")
     p.add_argument("--graph-only", action="store_true", help="write model.plugins.onnx and stop (no TensorRT needed)")
+    p.add_argument("--check-only", action="store_true",
+                   help="run the TensorRT-parser lint on the graph a build would parse and stop (no TensorRT needed)")
     a = p.parse_args(argv)
     plugins = parse_plugins(a.plugins, a.no_plugins)
     artifact_dir = Path(a.model)
+    if a.check_only:
+        read_artifact(artifact_dir, verify=True)
+        name, graph = trt_lint.graph_to_parse(artifact_dir, plugins)
+        findings = trt_lint.lint_model(graph)
+        for f in findings:  # every finding on stdout; the refusal itself is the one error line
+            print(f.line())
+        if findings:
+            raise ModelError(trt_lint.refusal(str(artifact_dir / name), findings))
+        print(f"ok: {artifact_dir / name} passes the TensorRT-parser lint ({len(trt_lint.RULES)} rules, "
+              f"{trt_lint.OTRT})")
+        return 0
     if a.graph_only:
         if not plugins:
             raise ModelError("--graph-only writes the plugin graph: it cannot go with --no-plugins")
