@@ -79,7 +79,7 @@ RULES = _rules(
 )
 
 F = ("FP32", "FP16", "BF16")
-I = ("INT32", "INT64")  # noqa: E741
+I = ("INT32", "INT64")
 # op -> (docs/operators.md line @ OTRT, supported types, the inputs whose type is the op's T)
 OP_TYPES: dict[str, tuple[int, tuple[str, ...], tuple[int, ...]]] = {
     "Add": (22, F + I, (0, 1)), "And": (24, ("BOOL",), (0, 1)),

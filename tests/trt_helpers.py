@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def has_tensorrt() -> bool:
     try:
         return importlib.util.find_spec("tensorrt") is not None
-    except ValueError:  # sys.modules holds benchmarks/trt_standin.py's stand-in, which has no spec
+    except ValueError:  # sys.modules holds tests/support/trt_standin.py's stand-in, which has no spec
         return False
 
 

@@ -389,7 +389,7 @@ class Builder:
 
 def _core_module() -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
-    trt.__doc__ = "stand-in for the compiled TensorRT core (benchmarks/trt_standin.py); not TensorRT"
+    trt.__doc__ = "stand-in for the compiled TensorRT core (tests/support/trt_standin.py); not TensorRT"
     trt.__version__ = "stand-in"
     trt.STANDIN = True
     # importlib.util.find_spec (torch._dynamo calls it for "tensorrt") raises on a module without a spec
