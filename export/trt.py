@@ -19,6 +19,7 @@ precision comes from the ONNX types; builder flags are looked up by name).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -50,6 +51,11 @@ from model.files import sha256_file, write_atomic
 
 class EngineBuildError(ModelError):
     """TensorRT's parser or builder refused the network (its log above says why)."""
+
+
+# --hardware-compatibility -> the manifest's record (model.artifact.HARDWARE_COMPATIBILITY) and TensorRT's enum value
+HARDWARE_COMPATIBILITY = {"none": "none", "ampere-plus": "ampere_plus"}
+HARDWARE_COMPATIBILITY_LEVELS = {"none": "NONE", "ampere-plus": "AMPERE_PLUS"}  # pyCore.cpp HardwareCompatibilityLevel
 
 
 def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
@@ -159,12 +165,18 @@ def check_plugin_grids(config: Any, max_batch: int, max_seq_len: int) -> None:
 
 def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("attention", "gelu"), *,
                  max_batch: int = 8, max_seq_len: int | None = None, timing_cache: str | os.PathLike | None = None,
-                 tf32: bool = False, detailed_profile: bool = False, log=print) -> Path:
+                 tf32: bool = False, detailed_profile: bool = False, hardware_compatibility: str = "none",
+                 log=print) -> Path:
     """Build and write the plan + manifest; returns the manifest path.
 
     detailed_profile: ProfilingVerbosity.DETAILED, so that the engine inspector lists every layer with
-    its I/O tensors (NvInfer.h IBuilderConfig::setProfilingVerbosity; benchmarks/gpu_check.py uses it)."""
+    its I/O tensors (NvInfer.h IBuilderConfig::setProfilingVerbosity; benchmarks/gpu_check.py uses it).
+    hardware_compatibility: "none" (this GPU model only) or "ampere-plus" (HARDWARE_COMPATIBILITY)."""
     artifact_dir = Path(artifact_dir)
+    if hardware_compatibility not in HARDWARE_COMPATIBILITY:
+        raise ModelError(f"--hardware-compatibility {hardware_compatibility!r}: choose from "
+                         f"{', '.join(HARDWARE_COMPATIBILITY)}")
+    portable = hardware_compatibility == "ampere-plus"
     art = read_artifact(artifact_dir, verify=True)
     check_parser_rules(artifact_dir, plugins)
     limit = art.spec.max_seq_len
@@ -176,14 +188,22 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     if "attention" in plugins:
         check_plugin_grids(art.config, max_batch, max_seq_len)
     trt = require_tensorrt_and_gpu()
+    major, minor = torch.cuda.get_device_capability()
+    if portable and major < 8:  # NvInfer.h kAMPERE_PLUS: "only supported for engines built on ... Ampere and later"
+        raise ModelError(f"--hardware-compatibility ampere-plus: TensorRT builds such engines only on Ampere and newer "
+                         f"GPUs; this one is sm {major}.{minor}")
     t0 = time.perf_counter()
     variant = "plugins" if plugins else "native"
     kernels_record = {}
+    kernel_target = contextlib.nullcontext()
     if plugins:
         import export.plugins.register  # noqa: F401 - registers the plugin creators before parsing (needs tensorrt)
+        from export.plugins import kernels  # imports triton (the tensorrt extra)
 
-        major, minor = torch.cuda.get_device_capability()
-        kernels_record = plugin_manifest(10 * major + minor)
+        capability = kernels.PORTABLE_CAPABILITY if portable else 10 * major + minor
+        kernels_record = plugin_manifest(capability)
+        # register.py's aot_impl compiles for this process's GPU, or for plain sm_80 in a portable engine
+        kernel_target = kernels.aot_target(capability if portable else None)
 
         onnx_path = write_plugin_graph(artifact_dir, plugins)
         log(f"[graph] {onnx_path.name}: plugins {', '.join(plugins)}")
@@ -202,6 +222,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
         raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path.name}: " + " | ".join(errors)[:400])
 
     config = builder.create_builder_config()
+    set_hardware_compatibility(trt, config, hardware_compatibility)
     if "attention" in plugins:  # the cache outputs are aliased to the cache inputs
         config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
     if detailed_profile:  # pyCore.cpp: IBuilderConfig property profiling_verbosity, enum ProfilingVerbosity
@@ -216,7 +237,8 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     add_profiles(builder, config, shapes, input_names, onnx_path.name)
 
     log(f"[build] {variant} engine: max batch {max_batch}, max seq {max_seq_len}, TensorRT {trt.__version__}")
-    plan = builder.build_serialized_network(network, config)
+    with kernel_target:
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError("TensorRT failed to build the engine (see the TensorRT log above)")
     plan_name, manifest_name = engine_files(variant)
@@ -226,6 +248,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     manifest = EngineManifest(
         tensorrt=trt.__version__,
         gpu=gpu_identity(),
+        hardware_compatibility=HARDWARE_COMPATIBILITY[hardware_compatibility],
         variant=variant,
         plugins=tuple(plugins),
         kv_cache="static" if "attention" in plugins else "past_present",
@@ -247,6 +270,17 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     log(f"[write] {plan_name} ({(artifact_dir / plan_name).stat().st_size / 1e6:.1f} MB), {manifest_name} "
         f"in {manifest.build_seconds}s")
     return artifact_dir / manifest_name
+
+
+def set_hardware_compatibility(trt: Any, config: Any, level: str) -> None:
+    """IBuilderConfig's hardware compatibility level. pyCore.cpp (release/10.14 :1867-1868, release/11.0
+    :1746-1747) binds it as the property hardware_compatibility_level over a setter that returns nothing, so
+    the value is read back. kAMPERE_PLUS (NvInfer.h:9935-9946 @ release/10.14): the engine runs on Ampere and newer
+    GPUs, with the builder's kernels limited to 48 KiB of shared memory with the driver's reserve."""
+    wanted = getattr(trt.HardwareCompatibilityLevel, HARDWARE_COMPATIBILITY_LEVELS[level])
+    config.hardware_compatibility_level = wanted
+    if config.hardware_compatibility_level != wanted:
+        raise ModelError(f"--hardware-compatibility {level}: TensorRT kept {config.hardware_compatibility_level}")
 
 
 def add_profiles(builder: Any, config: Any, shapes: list[dict[str, list[tuple[int, ...]]]], input_names: set[str],
@@ -304,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-cache", help="timing cache file to read and update (speeds up rebuilds)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 GEMMs (faster, ~1e-3 logits error)")
     p.add_argument("--graph-only", action="store_true", help="write model.plugins.onnx and stop (no TensorRT needed)")
+    p.add_argument("--hardware-compatibility", choices=list(HARDWARE_COMPATIBILITY), default="none",
+                   help="none: the engine runs on this GPU model only; ampere-plus: on every GPU from sm_80 up "
+                        "(TensorRT's AMPERE_PLUS; plugin PTX for sm_80; may be slower) (default: %(default)s)")
     p.add_argument("--check-only", action="store_true",
                    help="run the TensorRT-parser lint on the graph a build would parse and stop (no TensorRT needed)")
     a = p.parse_args(argv)
@@ -327,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
     build_engine(artifact_dir, plugins, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
-                 timing_cache=a.timing_cache, tf32=a.tf32, log=lambda s: print(s, flush=True))
+                 timing_cache=a.timing_cache, tf32=a.tf32, hardware_compatibility=a.hardware_compatibility,
+                 log=lambda s: print(s, flush=True))
     return 0
 
 

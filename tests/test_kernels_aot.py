@@ -115,3 +115,24 @@ def test_an_interpreter_process_refuses_to_compile_with_the_reason():
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         interpreted_kernels().compile_kernel("gelu", torch.float32, target=(90, 32))
+
+
+PORTABLE = r"""
+import json, sys, torch
+from export.plugins import kernels as K
+K._active_target = lambda: (90, 32)  # this process's GPU: an H100
+out = {}
+with K.aot_target(K.PORTABLE_CAPABILITY):  # what export.trt --hardware-compatibility ampere-plus wraps the build in
+    out["inside"] = K.ptx_header(K.compile_kernel("gelu", torch.float32).asm["ptx"])
+out["after"] = K.ptx_header(K.compile_kernel("gelu", torch.float32).asm["ptx"])
+json.dump(out, sys.stdout)
+"""
+
+
+def test_hardware_compatible_builds_get_portable_ptx():
+    """Within kernels.aot_target(80), the kernels register.py's aot_impl compiles (target=None) are plain sm_80 at
+    PTX ISA 7.0, which the driver JIT-compiles on every GPU from sm_80 up; outside it, the GPU's own "a" target."""
+    out = run_compiled(["-c", PORTABLE])
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got == {"inside": {"version": "7.0", "target": "sm_80"}, "after": {"version": "8.0", "target": "sm_90a"}}

@@ -36,46 +36,25 @@ def test_loading_a_plugin_engine_needs_no_plugin_definitions(demo_onnx, monkeypa
     unimportable. TensorRT is a stand-in whose deserialize_cuda_engine records the plan and returns None (a refusal
     the backend reports in one line); everything before it is the real backend."""
     import sys
-    import types
 
     import pytest
 
     import runtime.trt_backend as tb
-    from model.artifact import EngineManifest, engine_files, write_engine_manifest
     from model.errors import ModelError
-    from model.files import sha256_file
+    from tests.trt_helpers import fake_tensorrt, write_fake_plugin_engine
 
-    plan_name, manifest_name = engine_files("plugins")
-    (demo_onnx / plan_name).write_bytes(b"not a plan")
     gpu = {"name": "stand-in GPU", "compute_capability": "9.0"}
-    write_engine_manifest(demo_onnx / manifest_name, EngineManifest(
-        tensorrt="10.14.1", gpu=gpu, variant="plugins", plugins=("attention", "gelu"), kv_cache="static",
-        plugin_ids=("gptdeploy::kv_attention", "gptdeploy::bias_gelu"), plugin_kernels={},
-        onnx={"file": "model.plugins.onnx", "sha256": "0"}, source_onnx={"file": "model.onnx", "sha256": "0"},
-        plan={"file": plan_name, "sha256": sha256_file(demo_onnx / plan_name)}, dtype="float32", logits="last",
-        max_batch=1, max_seq_len=64, tf32=False, profiles=(), build_seconds=0.0))
-    seen = {}
-
-    class Runtime:
-        def __init__(self, logger) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, plan: bytes):
-            seen["plan"] = plan
-            return None
-
-    trt = types.SimpleNamespace(__version__="10.14.1", Logger=type("Logger", (), {"WARNING": 2,
-                                                                                  "__init__": lambda s, lvl: None}),
-                                Runtime=Runtime)
-    monkeypatch.setattr(tb, "require_tensorrt_and_gpu", lambda: trt)
+    files = write_fake_plugin_engine(demo_onnx, gpu)
+    seen: dict = {}
+    monkeypatch.setattr(tb, "require_tensorrt_and_gpu", lambda: fake_tensorrt(seen))
     monkeypatch.setattr(tb, "gpu_identity", lambda: gpu)
     monkeypatch.setitem(sys.modules, "export.plugins.register", None)  # any import of it raises ImportError
     try:
         with pytest.raises(ModelError, match="could not deserialize"):
             tb.TensorRTBackend(demo_onnx, variant="plugins")
     finally:
-        (demo_onnx / plan_name).unlink()
-        (demo_onnx / manifest_name).unlink()
+        for f in files:
+            f.unlink()
     assert seen == {"plan": b"not a plan"}  # deserialization reached with the plugin definitions unimportable
 
 

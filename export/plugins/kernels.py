@@ -15,8 +15,10 @@ bottom-right causal, skipping padded keys but always keeping a query's own key.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -372,11 +374,31 @@ def ptx_target(capability: int) -> dict[str, str]:
             "min_driver": PTX_MIN_DRIVER[version]}
 
 
+# Hardware-compatible engines (export.trt --hardware-compatibility ampere-plus) run on every GPU from sm_80 up, so
+# their plugin PTX targets plain sm_80 at PTX ISA 7.0: not an "a" target, which runs only on its own compute
+# capability, and JIT-compiled by the driver for whatever newer GPU loads the engine (forward-compatible PTX).
+PORTABLE_CAPABILITY = 80
+_aot_capability: int | None = None  # set by aot_target() around a build; None = the GPU in this process
+
+
+@contextlib.contextmanager
+def aot_target(capability: int | None) -> Iterator[None]:
+    """Within it, compile_kernel(target=None) (what register.py's aot_impl calls while TensorRT builds) compiles
+    for `capability` instead of this process's GPU. None leaves the GPU's own target."""
+    global _aot_capability
+    ptx_target(capability or PORTABLE_CAPABILITY)  # refuses an unpinned one before the build starts
+    before, _aot_capability = _aot_capability, capability
+    try:
+        yield
+    finally:
+        _aot_capability = before
+
+
 def compile_kernel(kind: str, dtype: torch.dtype, *, head_dim: int = 64, tactic: int = 1,
                    approximate: str = "tanh", target: tuple[int, int] | None = None):
     """triton.compile one kernel for one dtype at the pinned PTX ISA. kind: "attention" | "gelu".
 
-    target (compute capability, warp size), e.g. (90, 32); None = the GPU in this process.
+    target (compute capability, warp size), e.g. (90, 32); None = aot_target()'s, else the GPU in this process.
     Returns Triton's CompiledKernel: .asm["ptx"], .metadata.name, .metadata.num_warps, .metadata.shared.
     """
     t = TRITON_TYPES[dtype]
@@ -439,7 +461,7 @@ def _compile(fn, signature: dict[str, str], constexprs: dict, num_warps: int, ta
         raise RuntimeError("the Triton kernels were imported under TRITON_INTERPRET=1: they cannot be compiled; "
                            "unset TRITON_INTERPRET (tests/trt_helpers.interpreted_kernels loads a separate copy)")
     if target is None:
-        target = _active_target()
+        target = _active_target() if _aot_capability is None else (_aot_capability, 32)
     wanted = ptx_target(target[0])
     options = {"num_warps": num_warps, "ptx_version": PTX_VERSIONS[target[0]]}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
