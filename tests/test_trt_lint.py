@@ -21,11 +21,12 @@ PLUGIN_CHOICES = [("attention", "gelu"), ("attention",), ("gelu",)]
 
 
 def _graph(dtype: str = "float32", opset: int = 23, quantize: str | None = None, block: int | None = None,
-           **config) -> onnx.ModelProto:
+           all_logits: bool = False, **config) -> onnx.ModelProto:
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("tiny", **config)).eval()
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    spec = ExportSpec.for_model(model.config, dtype=dtype, opset=opset, quantize=quantize, quant_block=block)
+    spec = ExportSpec.for_model(model.config, dtype=dtype, opset=opset, quantize=quantize, quant_block=block,
+                                all_logits=all_logits)
     return build_gpt_graph(model.config, state, spec)
 
 
@@ -50,10 +51,10 @@ def test_catches_defect_1_on_the_old_exporters_fp16_graph():
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("opset, config", [(23, {}), (18, {}), (18, {"gelu": "erf", "bias": False}),
-                                           (23, {"gelu": "erf", "bias": False})])
+                                           (23, {"gelu": "erf", "bias": False}), (23, {"all_logits": True})])
 def test_every_float_variant_we_export_passes(dtype, opset, config):
-    """fp32/fp16 x fused/decomposed (tanh and erf GELU, with and without biases), and each plugin graph
-    export.trt can parse from the fused one."""
+    """fp32/fp16 x fused/decomposed (tanh and erf GELU, with and without biases, logits last and all), and each
+    plugin graph export.trt can parse from the fused one."""
     g = _graph(dtype, opset, **config)
     assert lint_model(g) == []
     if opset >= 23:
