@@ -166,8 +166,8 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
 
     def attention(q: str, k: str, v: str) -> str:
         if graph == "fused":
-            attrs = {"softmax_precision": TensorProto.FLOAT} if dtype == "float16" else {}
-            return b.op("Attention", [q, k, v, keep], scale=1.0 / math.sqrt(D), **attrs)
+            # no softmax_precision: TensorRT's parser rejects the attribute (docs/tensorrt.md, export/trt_lint.py)
+            return b.op("Attention", [q, k, v, keep], scale=1.0 / math.sqrt(D))
         kt = b.op("Transpose", [k], perm=[0, 1, 3, 2])
         scores = b.op("Mul", [b.op("MatMul", [q, kt]), b.const("scale", np.array(1 / math.sqrt(D), np_dtype))])
         if dtype == "float16":  # softmax in fp32

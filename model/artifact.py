@@ -300,6 +300,9 @@ def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
 PREFILL, DECODE = 0, 1  # the engine's optimization profiles
 PROFILE_NAMES = ("prefill", "decode")
 KV_CACHE_KINDS = ("static", "past_present")  # the attention plugin's in-place cache, or the graph's past/present
+# TensorRT's HardwareCompatibilityLevel an engine was built with: "none" (this GPU model only) or "ampere_plus"
+# (every GPU from sm_80 up: export.trt --hardware-compatibility ampere-plus)
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus")
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,7 @@ class EngineManifest:
 
     tensorrt: str  # the TensorRT version that built it (an engine runs only on the same version)
     gpu: dict[str, str]  # gpu_identity() of the building GPU: {"name", "compute_capability"}
+    hardware_compatibility: str  # HARDWARE_COMPATIBILITY: where else the engine may run
     variant: str  # ENGINE_VARIANTS
     plugins: tuple[str, ...]  # "attention", "gelu" (empty for native)
     kv_cache: str  # KV_CACHE_KINDS: "static" with the attention plugin
@@ -327,6 +331,9 @@ class EngineManifest:
     def __post_init__(self) -> None:
         if self.variant not in ENGINE_VARIANTS:
             raise ValueError(f"variant {self.variant!r} is not one of {', '.join(ENGINE_VARIANTS)}")
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            raise ValueError(f"hardware_compatibility {self.hardware_compatibility!r} is not one of "
+                             f"{', '.join(HARDWARE_COMPATIBILITY)}")
         if self.kv_cache != ("static" if "attention" in self.plugins else "past_present"):
             raise ValueError(f"kv_cache {self.kv_cache!r} does not match plugins {list(self.plugins)}")
         if self.dtype not in DTYPES or self.logits not in LOGITS_KINDS:
