@@ -84,6 +84,7 @@ def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...]) -> Path:
     """Rewrite the artifact's model.onnx into the plugin graph, written atomically beside it."""
     art = read_artifact(artifact_dir, verify=True)
     if art.spec.graph != "fused":
+        check_parser_rules(artifact_dir, ())  # the ort graph's operators: name the rule first
         raise ModelError(f"{artifact_dir}: plugins need the fused export (this one is "
                          f"{art.spec.graph!r}; re-export with --opset 23, or pass --no-plugins)")
     model = onnx.load(str(artifact_dir / MODEL_FILE), load_external_data=True)

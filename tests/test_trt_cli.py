@@ -125,7 +125,8 @@ def test_quantized_artifact_is_refused_before_tensorrt(src, tmp_path, quantize, 
     block 64/128, and its embedding is the int8 Gather too). Every path stops at the TensorRT-parser lint
     (export/trt_lint.py) with one line naming the first rule broken and the others, before looking for TensorRT."""
     art = tmp_path / f"{quantize}-{block}"
-    export_artifact(src, art, max_seq_len=48, quantize=quantize, quant_block=block, verify=False, log=quiet)
+    export_artifact(src, art, max_seq_len=48, quantize=quantize, quant_block=block, graph="fused", verify=False,
+                    log=quiet)
     for args in (["--graph-only"], [], ["--no-plugins"], ["--check-only"]):
         proc = run_cli("--model", str(art), *args)
         assert proc.returncode == 2, proc.stderr
@@ -136,6 +137,23 @@ def test_quantized_artifact_is_refused_before_tensorrt(src, tmp_path, quantize, 
         assert ("int4-block-size" in lines[0]) == (block == 32 and quantize == "int4"), lines[0]
         assert ("dequantize-block-type" in lines[0]), lines[0]  # the INT8 embedding table's block scales
     assert not (art / PLUGIN_GRAPH_FILE).exists() and not list(art.glob("trt_*"))
+
+
+def test_ort_graph_is_refused_before_tensorrt(src, tmp_path):
+    """The ort graph (ONNX Runtime's com.microsoft operators; the default for quantized exports) on every path."""
+    art = tmp_path / "fp32-ort"
+    export_artifact(src, art, max_seq_len=48, graph="ort", verify=False, log=quiet)
+    for args in (["--graph-only"], [], ["--no-plugins"], ["--check-only"]):
+        proc = run_cli("--model", str(art), *args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert "rule op-types" in lines[0], lines[0]
+    assert not (art / PLUGIN_GRAPH_FILE).exists() and not list(art.glob("trt_*"))
+    from export import trt_lint
+
+    details = [f.detail for f in trt_lint.lint_model(onnx.load(str(art / "model.onnx")))]
+    assert any("GroupQueryAttention is an operator of domain com.microsoft" in d for d in details), details
 
 
 def test_profiles():
