@@ -1,8 +1,9 @@
 """The reference row: the same artifact driven by a bare ONNX Runtime IO-binding loop (numpy only, no torch).
 
-Greedy decoding with preallocated ping-pong KV buffers, exactly the inputs runtime/ort_backend.py feeds,
-nothing else: what ONNX Runtime itself can do with this graph on this machine. The benchmark puts it
-beside the onnxruntime backend (which runs the project's generation loop) to show the loop's overhead.
+Greedy decoding with preallocated KV buffers (ping-pong for the Concat graphs, one in-place buffer per layer
+and kind for the ort graph), exactly the inputs runtime/ort_backend.py feeds, nothing else: what ONNX Runtime
+itself can do with this graph on this machine. The benchmark puts it beside the onnxruntime backend (which
+runs the project's generation loop) to show the loop's overhead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from benchmarks.stats import Timed
 from export.session import open_session
-from model.artifact import KV_KINDS, NP_DTYPES, past_name, present_name, read_artifact
+from model.artifact import KV_KINDS, LOGITS_TO_KEEP, NP_DTYPES, past_name, present_name, read_artifact
 
 
 class BareOrtLoop:
@@ -32,7 +33,9 @@ class BareOrtLoop:
         B, P = prompt.shape
         total = P + new_tokens - 1
         per_layer = B * c.n_head * total * c.head_dim
-        kv = [[[np.empty(per_layer, self.kv_dtype) for _ in range(2)] for _ in range(c.n_layer)] for _ in range(2)]
+        inplace = self.spec.inplace_kv
+        kv = [[[np.zeros(per_layer, self.kv_dtype) for _ in range(2)] for _ in range(c.n_layer)]
+              for _ in range(1 if inplace else 2)]
         logits = np.empty((B, 1, c.vocab_size), np.float32)
         mask = np.ones((B, total), np.int64)
         binding = self.session.io_binding()
@@ -42,14 +45,23 @@ class BareOrtLoop:
             f = binding.bind_output if output else binding.bind_input
             f(name, "cpu", 0, array.dtype, list(shape), array.ctypes.data)
 
+        keep = np.ones(1, np.int64)
+
         def step(ids: np.ndarray, pos: np.ndarray, past: int, cur: int) -> np.ndarray:
             S = ids.shape[1]
             bind("input_ids", ids, ids.shape)
             m = np.ascontiguousarray(mask[:, :past + S])
             bind("attention_mask", m, m.shape)
             bind("position_ids", pos, pos.shape)
+            if self.spec.takes_logits_to_keep:
+                bind(LOGITS_TO_KEEP, keep, keep.shape)
             for i in range(c.n_layer):
                 for j, kind in enumerate(KV_KINDS):
+                    if inplace:  # past and present: one buffer of `total` positions
+                        shape = (B, c.n_head, total, c.head_dim)
+                        bind(past_name(i, kind), kv[0][i][j], shape)
+                        bind(present_name(i, kind), kv[0][i][j], shape, output=True)
+                        continue
                     bind(past_name(i, kind), kv[cur][i][j], (B, c.n_head, past, c.head_dim))
                     bind(present_name(i, kind), kv[1 - cur][i][j], (B, c.n_head, past + S, c.head_dim), output=True)
             bind("logits", logits, logits.shape, output=True)

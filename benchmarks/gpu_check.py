@@ -11,13 +11,13 @@ section so that a run cut short still leaves a report. Sections:
 2. triton_jit: the Triton kernels JIT-compiled by Triton on this GPU (attention prefill and decode
    paths with the in-place cache write, every tile; bias+GELU tanh and erf) against the PyTorch
    references over a shape sweep;
-3. aot_ptx_driver: register.py driven through NVIDIA's tensorrt.plugin package (benchmarks/trt_standin.py)
+3. aot_ptx_driver: register.py driven through NVIDIA's tensorrt.plugin package (tests/support/trt_standin.py)
    for concrete shapes, and the exact PTX it returns (what export.trt embeds) loaded with
    cuModuleLoadData and launched with cuLaunchKernel using exactly the returned grid, block, shared
    memory and argument order, against the references: everything TensorRT does with the plugin
    except TensorRT itself. NVIDIA's package is looked for installed, at --trt-bindings / $GPTDEPLOY_TRT_BINDINGS,
    or at .venv/lib/python3*/site-packages/tensorrt_bindings in this checkout; without it the minimal
-   stand-in benchmarks/qdp_minimal.py (checked against NVIDIA's package in CI) drives register.py;
+   stand-in tests/support/qdp_minimal.py (checked against NVIDIA's package in CI) drives register.py;
 4. torch_backend: the torch backend on CUDA in fp32 and fp16, greedy tokens against the CPU fp32
    reference on the bundled demo model, and decode tokens/s (demo model, and GPT-2 124M shapes);
 5. torch_fp16_profile: GPT-2 124M batch-1 decode steps in fp32 then fp16 (wall time per step), and
@@ -79,8 +79,8 @@ def section_environment(ctx: dict) -> dict:
     import torch
     import triton
 
-    from benchmarks import cuda_launch
     from export.plugins import kernels
+    from tests.support import cuda_launch
 
     cuda_launch.current_context()
     major, minor = torch.cuda.get_device_capability()
@@ -157,9 +157,9 @@ def section_aot_ptx_driver(ctx: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks import cuda_launch
-    from benchmarks import trt_standin as S
     from export.plugins.reference import kv_attention_reference
+    from tests.support import cuda_launch
+    from tests.support import trt_standin as S
 
     if importlib.util.find_spec("tensorrt") is not None:
         return {"status": "skipped", "summary": "a real TensorRT is installed: the tensorrt section builds engines"}
@@ -172,10 +172,10 @@ def section_aot_ptx_driver(ctx: dict) -> dict:
         def build(node, inputs, profile):
             return S.build_plugin(node, inputs, profile).kernels
     except ImportError as e:
-        from benchmarks import qdp_minimal as Q
+        from tests.support import qdp_minimal as Q
 
         Q.load()
-        driven_by = f"the minimal tensorrt.plugin stand-in (benchmarks/qdp_minimal.py; {e})"
+        driven_by = f"the minimal tensorrt.plugin stand-in (tests/support/qdp_minimal.py; {e})"
         unload = Q.unload
 
         def build(node, inputs, profile):
@@ -241,7 +241,7 @@ def section_aot_ptx_driver(ctx: dict) -> dict:
 def _driver_launch(kernel, launch: dict, inputs: list, outputs: list) -> None:
     import torch
 
-    from benchmarks import cuda_launch
+    from tests.support import cuda_launch
 
     args = cuda_launch.pack_args(kernel.ptx, [t.data_ptr() for t in inputs], launch["scalars"],
                                  [t.data_ptr() for t in outputs])
@@ -467,7 +467,7 @@ def section_tensorrt_aliasing(ctx: dict) -> dict:
     import tensorrt as trt
     import torch
 
-    import export.plugins.register  # noqa: F401 - the plugin creators, before deserializing
+    import export.plugins.register  # noqa: F401 - the plugin creators for build_engine's parser
     from export.onnx import export_artifact
     from export.trt import build_engine
     from model.artifact import engine_files

@@ -1,12 +1,14 @@
 """Export a GPT to a self-contained ONNX artifact with KV cache, then verify it against PyTorch.
 
     python -m export.onnx --model SRC --out DIR [--dtype float32|float16] [--opset N]
-                          [--graph fused|decomposed] [--max-seq-len N] [--all-logits] [--force]
+                          [--graph fused|decomposed|ort] [--max-seq-len N] [--all-logits] [--force]
                           [--quantize int8|int4 [--quant-block N]]
 
 SRC: demo, a Hugging Face GPT-2 folder or hub id, a nanoGPT ckpt.pt, or an artifact folder.
 Opset >= 23 gives the fused graph (Attention + Gelu + LayerNormalization); opset 17..22 the
-decomposed one. The artifact contract is model/artifact.py (docs/onnx-contract.md); the graph is built by
+decomposed one; --graph ort (the default with --quantize) ONNX Runtime's own fused operators over an
+in-place KV cache, which only ONNX Runtime runs. The artifact contract is model/artifact.py
+(docs/onnx-contract.md); the graph is built by
 export/onnx_graph.py. --quantize gives a weight-only quantized graph (export/quantize.py), verified for
 quality on held-out text (export/quality.py). The verify step runs the graph with ONNX Runtime itself
 (export/session.py), not through the runtime's backends.
@@ -245,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"{FUSED_MIN_OPSET}+ fused, {MIN_OPSET}..{FUSED_MIN_OPSET - 1} decomposed "
                         "(default: %(default)s)")
-    p.add_argument("--graph", choices=GRAPHS, help=f"default: fused at opset >= {FUSED_MIN_OPSET}, else decomposed")
+    p.add_argument("--graph", choices=GRAPHS,
+                   help="fused: ONNX Attention + Gelu (TensorRT and ONNX Runtime); decomposed: opset 17..22 ops; ort: "
+                        "ONNX Runtime's GroupQueryAttention over an in-place KV cache, its fastest (ONNX Runtime "
+                        f"only) (default: ort with --quantize, else fused at opset >= {FUSED_MIN_OPSET}, else "
+                        "decomposed)")
     p.add_argument("--max-seq-len", type=int, help="longest past + seq the runtime will use (default: block_size)")
     p.add_argument("--all-logits", action="store_true", help="output logits for every position, not just the last")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")

@@ -15,6 +15,22 @@ Per layer, the fused graph ("fused", opset >= 23) is
 The decomposed graph ("decomposed", opset 17..22) replaces Attention with
 MatMul/Mul/Where/Softmax/MatMul and Gelu with Erf or Tanh arithmetic.
 
+The ONNX Runtime graph ("ort", opset >= 20 + com.microsoft) is the one ONNX Runtime's CPU provider runs
+fastest, with its own contrib operators; no other runtime reads it. The residual stream
+stays [B,S,C]; per layer
+
+    MatMul(c_attn) + bias -> GroupQueryAttention(packed qkv; past = present: one buffer written in place;
+        attention_bias = the keep-mask as 0 / lowest) -> MatMul(c_proj)
+    SkipLayerNormalization(residual, attn, c_proj bias) -> (ln_2 output, new residual)
+    MatMul(c_fc) -> FastGelu|BiasGelu(+ c_fc bias) -> MatMul(c_proj)
+    SkipLayerNormalization(residual, mlp, c_proj bias) -> (next ln_1 | ln_f output, new residual)
+
+8 nodes a layer (quantized: ONNX Runtime fuses DequantizeLinear -> MatMul -> Add into MatMulNBits) instead of
+~20, no Concat, Split, Transpose or Reshape: each step writes one position of the cache instead of copying all
+of it (ExportSpec.inplace_kv states the buffer contract). Its extra input
+logits_to_keep (int64 [1]: 1 in a plain step) asks for the logits of the last n positions, which speculative
+decoding's verify step needs. GroupQueryAttention takes several new tokens over a past only at batch 1.
+
 The residual stream is 2-D [B*S, C] so every Linear is one Gemm(transB=1) on the torch weight
 as is: initializers carry the PyTorch parameter names and layouts (transformer.h.0.attn.c_attn.weight
 [3C, C], ...), which is how model.load reads the weights back out of an artifact.
@@ -24,6 +40,7 @@ Non-parameter constants are named "const.*".
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -31,11 +48,22 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from export.quantize import EMBEDDING_BITS, pack_int4, quantize_blocks
-from model.artifact import KV_KINDS, LOGITS, NP_DTYPES, Q_SUFFIX, SCALE_SUFFIX, ExportSpec, past_name, present_name
+from model.artifact import (
+    KV_KINDS,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    NP_DTYPES,
+    Q_SUFFIX,
+    SCALE_SUFFIX,
+    ExportSpec,
+    past_name,
+    present_name,
+)
 from model.config import GPTConfig
 
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 INT64_MAX = np.iinfo(np.int64).max
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (the ort graph)
 
 
 class _Builder:
@@ -86,7 +114,7 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
     spec.quantize: weight-only quantization of every Linear and the lm_head (DequantizeLinear(block_size) ->
     MatMul, export/quantize.py); the token embedding then becomes an int8 table (Gather -> DequantizeLinear)."""
     spec.check_model(config)
-    graph, dtype, opset, all_logits = spec.graph, spec.dtype, spec.opset, spec.logits == "all"
+    graph, dtype, all_logits = spec.graph, spec.dtype, spec.logits == "all"
     quantized, bits, block = spec.quantize is not None, spec.quant_bits, spec.quant_block
     onnx_dtype, np_dtype = ONNX_DTYPES[dtype], NP_DTYPES[dtype]
     c, H, D = config, config.n_head, config.head_dim
@@ -96,8 +124,12 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
     # ---- shapes and the shared keep-mask [B, 1, S, P+S] (bottom-right causal, padding, own key)
     batch = b.op("Shape", ["input_ids"], start=0, end=1)
     seq = b.op("Shape", ["input_ids"], start=1, end=2)
-    past = b.op("Shape", [past_name(0, "key")], start=2, end=3)
-    total = b.op("Add", [past, seq])
+    if spec.inplace_kv:  # the cache buffer's length is its capacity: the mask says how many positions count
+        total = b.op("Shape", ["attention_mask"], start=1, end=2)
+        past = b.op("Sub", [total, seq])
+    else:
+        past = b.op("Shape", [past_name(0, "key")], start=2, end=3)
+        total = b.op("Add", [past, seq])
     zero, one = b.const("zero", np.array(0, np.int64)), b.const("one", np.array(1, np.int64))
     axis0 = b.const("axis0", np.array([0], np.int64))
     k_pos = b.op("Range", [zero, b.op("Squeeze", [total, axis0]), one])  # [T]
@@ -108,9 +140,7 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
     real = b.op("Unsqueeze", [b.op("Cast", ["attention_mask"], to=TensorProto.BOOL),
                               b.const("axes12", np.array([1, 2], np.int64))])  # [B, 1, 1, T]
     keep = b.op("Or", [b.op("And", [causal, real]), own], out=["attention_keep_mask"])  # [B, 1, S, T]
-    heads_shape = b.op("Concat", [batch, seq, b.const("heads", np.array([H, D], np.int64))], axis=0)
     rows_shape = b.const("rows", np.array([-1, c.n_embd], np.int64))
-    split_sizes = b.const("qkv_split", np.array([c.n_embd] * 3, np.int64))
 
     def matmul_weight(x: str, name: str, weight: torch.Tensor) -> str:
         """x [M, in] @ weight.T (weight [out, in]); quantized: DequantizeLinear(q [in, out]) -> MatMul."""
@@ -136,8 +166,8 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
 
     def attention(q: str, k: str, v: str) -> str:
         if graph == "fused":
-            attrs = {"softmax_precision": TensorProto.FLOAT} if dtype == "float16" else {}
-            return b.op("Attention", [q, k, v, keep], scale=1.0 / math.sqrt(D), **attrs)
+            # no softmax_precision: TensorRT's parser rejects the attribute (docs/tensorrt.md, export/trt_lint.py)
+            return b.op("Attention", [q, k, v, keep], scale=1.0 / math.sqrt(D))
         kt = b.op("Transpose", [k], perm=[0, 1, 3, 2])
         scores = b.op("Mul", [b.op("MatMul", [q, kt]), b.const("scale", np.array(1 / math.sqrt(D), np_dtype))])
         if dtype == "float16":  # softmax in fp32
@@ -171,7 +201,12 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
         tokens = b.op("DequantizeLinear", [b.op("Gather", [q, "input_ids"]), b.op("Gather", [scale, "input_ids"])],
                       axis=2, block_size=block)
     emb = b.op("Add", [tokens, b.op("Gather", [wpe, "position_ids"])])
+    if graph == "ort":
+        return ort_graph(b, c, spec, state, emb, keep, batch, total, W, matmul_weight if quantized else None,
+                         lm_head)
     x = b.op("Reshape", [emb, rows_shape])
+    heads_shape = b.op("Concat", [batch, seq, b.const("heads", np.array([H, D], np.int64))], axis=0)
+    split_sizes = b.const("qkv_split", np.array([c.n_embd] * 3, np.int64))
     for i in range(c.n_layer):
         p = f"transformer.h.{i}"
         qkv = linear(layer_norm(x, f"{p}.ln_1"), f"{p}.attn.c_attn")
@@ -197,28 +232,110 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
                               b.const("axis1b", np.array([1], np.int64))])  # [B, 1, C]
         h = layer_norm(b.op("Reshape", [last, rows_shape]), "transformer.ln_f")
         logits = b.op("Unsqueeze", [lm_head(h), b.const("axis1c", np.array([1], np.int64))])
+    return finish_model(b, c, spec, logits)
+
+
+def finish_model(b: _Builder, c: GPTConfig, spec: ExportSpec, logits: str) -> onnx.ModelProto:
+    """logits (the spec's float dtype) -> the model: float32 logits named LOGITS, the contract's inputs and outputs."""
+    graph, dtype, opset, all_logits = spec.graph, spec.dtype, spec.opset, spec.logits == "all"
+    onnx_dtype, H, D = ONNX_DTYPES[dtype], c.n_head, c.head_dim
     if dtype == "float16":
         logits = b.op("Cast", [logits], to=TensorProto.FLOAT)
     b.nodes[-1].output[0] = LOGITS  # the last node made the logits: give its output the contract name
 
     # ---- interface
-    kv_in = ["batch", H, "past", D]
-    kv_out = ["batch", H, "total", D]
+    kv_in = ["batch", H, "capacity" if spec.inplace_kv else "past", D]
+    kv_out = ["batch", H, "capacity" if spec.inplace_kv else "total", D]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
-    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT,
-                                             ["batch", "seq" if all_logits else 1, c.vocab_size])]
+    logits_seq = "seq" if all_logits else "kept" if graph == "ort" else 1
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", logits_seq, c.vocab_size])]
     for i in range(c.n_layer):
         for kind in KV_KINDS:
             inputs.append(helper.make_tensor_value_info(past_name(i, kind), onnx_dtype, kv_in))
             outputs.append(helper.make_tensor_value_info(present_name(i, kind), onnx_dtype, kv_out))
+    if graph == "ort" and not all_logits:
+        inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     g = helper.make_graph(b.nodes, f"gpt_{graph}", inputs, outputs, b.initializers,
                           doc_string="GPT-2 with explicit KV cache; total = past + seq")
     opsets = [helper.make_opsetid("", opset)]
     # the oldest IR version that allows this opset, so older parsers read it (opset 23 -> IR 11)
-    return helper.make_model(g, opset_imports=opsets, producer_name="gptdeploy",
-                             ir_version=helper.find_min_ir_version_for(opsets))
+    ir_version = helper.find_min_ir_version_for(opsets)
+    if graph == "ort":
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return helper.make_model(g, opset_imports=opsets, producer_name="gptdeploy", ir_version=ir_version)
+
+
+def ort_graph(b: _Builder, c: GPTConfig, spec: ExportSpec, state: dict[str, torch.Tensor], emb: str, keep: str,
+              batch: str, total: str, W: Callable[[str], str],
+              matmul_weight: Callable[[str, str, torch.Tensor], str] | None,
+              lm_head: Callable[[str], str]) -> onnx.ModelProto:
+    """The ort graph (module docstring) from the embeddings emb [B, S, C]: the residual stays 3-D, as
+    GroupQueryAttention and SkipLayerNormalization take it, so no Reshape runs per layer.
+    matmul_weight: the quantized x @ W.T (None: float weights, MatMul with the transposed initializer, which
+    ONNX Runtime folds once at load)."""
+    np_dtype = NP_DTYPES[spec.dtype]
+    int32 = TensorProto.INT32
+
+    def matmul(x: str, prefix: str) -> str:
+        weight = f"{prefix}.weight"
+        if matmul_weight is not None:
+            return matmul_weight(x, weight, state[weight])
+        return b.op("MatMul", [x, b.op("Transpose", [W(weight)], perm=[1, 0])])
+
+    def bias(prefix: str) -> list[str]:
+        return [W(f"{prefix}.bias")] if c.bias else []
+
+    def skip_norm(residual: str, add: str, prefix: str, add_bias: list[str]) -> tuple[str, str]:
+        """-> (LayerNorm(residual + add + add_bias), residual + add + add_bias)"""
+        n = b.count + 1
+        out = [f"skip_norm_{n}_out", "", "", f"skip_norm_{n}_sum"]  # no mean / inv_std_var outputs
+        beta = bias(prefix) or ([""] if add_bias else [])
+        b.op("SkipLayerNormalization", [residual, add, W(f"{prefix}.weight"), *beta, *add_bias], out=out,
+             domain=MS_DOMAIN, epsilon=c.layer_norm_eps)
+        return out[0], out[3]
+
+    # GroupQueryAttention's view of the mask: positions 0..seqlens_k of each row count (causal on its own), and
+    # attention_bias masks the padding (0 keep, the dtype's lowest value drop)
+    total_i32 = b.op("Cast", [b.op("Squeeze", [total, b.const("axis0", np.array([0], np.int64))])], to=int32)
+    last_pos = b.op("Sub", [total, b.const("one_1d", np.array([1], np.int64))])
+    seqlens_k = b.op("Cast", [b.op("Expand", [last_pos, batch])], to=int32)
+    attn_bias = b.op("Where", [keep, b.const("keep_bias", np.array(0, np_dtype)),
+                               b.const("drop_bias", np.array(np.finfo(np_dtype).min, np_dtype))])
+    # FastGelu: tanh GELU, BiasGelu: erf GELU, each of (x + bias)
+    gelu_op = "FastGelu" if c.gelu == "tanh" else "BiasGelu"
+
+    x = emb
+    h = b.op("LayerNormalization", [x, W("transformer.h.0.ln_1.weight"), *bias("transformer.h.0.ln_1")], axis=-1,
+             epsilon=c.layer_norm_eps, stash_type=1)
+    for i in range(c.n_layer):
+        p = f"transformer.h.{i}"
+        qkv = matmul(h, f"{p}.attn.c_attn")
+        if c.bias:
+            qkv = b.op("Add", [qkv, W(f"{p}.attn.c_attn.bias")])
+        cache = [past_name(i, "key"), past_name(i, "value")]
+        y, _, _ = b.op("GroupQueryAttention", [qkv, "", "", *cache, seqlens_k, total_i32, "", "", "", attn_bias],
+                       out=[f"gqa_{i}_out", present_name(i, "key"), present_name(i, "value")], domain=MS_DOMAIN,
+                       num_heads=c.n_head, kv_num_heads=c.n_head, scale=1.0 / math.sqrt(c.head_dim))
+        h, x = skip_norm(x, matmul(y, f"{p}.attn.c_proj"), f"{p}.ln_2", bias(f"{p}.attn.c_proj"))
+        fc = matmul(h, f"{p}.mlp.c_fc")
+        if c.bias:
+            act = b.op(gelu_op, [fc, W(f"{p}.mlp.c_fc.bias")], domain=MS_DOMAIN)
+        else:
+            act = b.op("Gelu", [fc], approximate="tanh" if c.gelu == "tanh" else "none")
+        nxt = f"transformer.h.{i + 1}.ln_1" if i + 1 < c.n_layer else "transformer.ln_f"
+        h, x = skip_norm(x, matmul(act, f"{p}.mlp.c_proj"), nxt, bias(f"{p}.mlp.c_proj"))
+
+    # h = ln_f(x) [B, S, C]; the head is a 2-D Gemm on the rows it needs (the last logits_to_keep of each row)
+    if spec.logits == "last":
+        h = b.op("Slice", [h, b.op("Neg", [LOGITS_TO_KEEP]), b.const("int64max", np.array([INT64_MAX], np.int64)),
+                           b.const("axis1b", np.array([1], np.int64))])  # [B, n, C]
+    rows = b.op("Reshape", [h, b.const("rows", np.array([-1, c.n_embd], np.int64))])
+    out_shape = b.op("Concat", [batch, b.const("minus1", np.array([-1], np.int64)),
+                                b.const("vocab", np.array([c.vocab_size], np.int64))], axis=0)
+    logits = b.op("Reshape", [lm_head(rows), out_shape])
+    return finish_model(b, c, spec, logits)
 
 
 def node_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from export.session import open_session, resolve_providers
-from model.artifact import KV_KINDS, NP_DTYPES, TOKEN_INPUTS, past_name, read_artifact
+from model.artifact import KV_KINDS, LOGITS_TO_KEEP, NP_DTYPES, TOKEN_INPUTS, past_name, read_artifact
 from model.errors import CliParser, ModelError, run_cli
 from model.gpt import GPT
 from model.load import load_model
@@ -118,6 +118,8 @@ def parity_report(model: GPT, artifact_dir: str | os.PathLike, *, cases: int = 2
         B = int(rng.integers(1, max_batch + 1))
         S = int(rng.integers(1, min(max_new, limit) + 1))
         P = int(rng.integers(0, max(1, min(max_past, limit - S) + 1)))
+        if art.spec.inplace_kv and B > 1 and P:  # GroupQueryAttention: several new tokens over a past at batch 1 only
+            S = 1
         pads = [int(rng.integers(0, P + S)) if rng.random() < 0.5 else 0 for _ in range(B)]
         ids, mask, pos = left_padded_batch(rng, B, P + S, n_vocab, pads)
         if P:
@@ -127,8 +129,12 @@ def parity_report(model: GPT, artifact_dir: str | os.PathLike, *, cases: int = 2
         ref, present = model(ids[:, P:], past, attention_mask=mask, position_ids=pos[:, P:],
                              last_logits_only=not all_logits)
         feed = dict(zip(TOKEN_INPUTS, (ids[:, P:].numpy(), mask.numpy(), pos[:, P:].numpy())))
+        if art.spec.takes_logits_to_keep:
+            feed[LOGITS_TO_KEEP] = np.array([1], np.int64)
         for i, kv in enumerate(past):
             for kind, t in zip(KV_KINDS, kv):
+                if art.spec.inplace_kv:  # a buffer of capacity P + S holding the past in its first P positions
+                    t = torch.cat([t, torch.zeros(B, c.n_head, S, c.head_dim)], dim=2)
                 feed[past_name(i, kind)] = t.numpy().astype(NP_DTYPES[dtype])
         out = session.run(None, feed)
         got, ref = torch.from_numpy(out[0])[:, -1].float(), ref[:, -1]

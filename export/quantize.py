@@ -13,12 +13,13 @@ layout) with scales [in / block, out], and dequantizes it with the standard opse
 - ONNX Runtime's CPU optimizer fuses that pair into com.microsoft.MatMulNBits (bits 4 or 8,
   accuracy_level 4 by default: int8 activations, int32 accumulation), as the export's verify step checks
   (export/onnx.py count_ort_optimized);
-- TensorRT cannot build these graphs, and export.trt refuses them (export/trt.refuse_quantized cites the
-  sources): block dequantization is only for FP4/FP8/INT4 (NvInfer.h IDequantizeLayer), so int8 fails at
-  any block; INT4 blocks must be 64 or 128 (TensorRT docs, quantized-types-schemes.html), and onnx-tensorrt
-  infers the block from the scale shape rather than reading block_size; the int8 embedding Gather is not a
-  TensorRT Gather type (onnx-tensorrt docs/operators.md). A TensorRT variant would need INT4 block 64/128
-  (or INT8 per-channel scales) on constant weights and a float embedding table.
+- TensorRT cannot build these graphs, and export.trt refuses them (the TensorRT-parser lint,
+  export/trt_lint.py, names the rule and its source): block dequantization is only for FP4/FP8/INT4
+  (NvInfer.h IDequantizeLayer), so int8 fails at any block; INT4 blocks must be 64 or 128 (TensorRT docs,
+  quantized-types-schemes.html), and onnx-tensorrt infers the block from the scale shape rather than reading
+  block_size; the int8 embedding Gather is not a TensorRT Gather type (onnx-tensorrt docs/operators.md).
+  A TensorRT variant would need INT4 block 64/128 (or INT8 per-channel scales) on constant weights and a
+  float embedding table.
 
 The token embedding is a lookup, not a matmul: its table is stored as int8 [vocab, n_embd] with
 per-block scales along n_embd, gathered by row and dequantized (Gather -> DequantizeLinear). The tied

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from model.artifact import KV_KINDS, NP_DTYPES, TOKEN_INPUTS, io_names, past_name, read_artifact
+from model.artifact import KV_KINDS, LOGITS_TO_KEEP, NP_DTYPES, TOKEN_INPUTS, io_names, past_name, read_artifact
 from model.config import GPTConfig
 from model.errors import ModelError
 
@@ -84,7 +84,9 @@ class ArtifactSession:
         if max_seq_len > self.max_seq_len:
             raise ModelError(f"max_seq_len {max_seq_len} exceeds the artifact's {self.max_seq_len}")
         c = self.config
-        empty = np.zeros((batch_size, c.n_head, 0, c.head_dim), self._kv_dtype)
+        # an in-place graph's cache is its whole capacity from the start (ExportSpec.inplace_kv)
+        length = max_seq_len if self.spec.inplace_kv else 0
+        empty = np.zeros((batch_size, c.n_head, length, c.head_dim), self._kv_dtype)
         self._past = [empty] * (2 * c.n_layer)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -100,6 +102,8 @@ class ArtifactSession:
             raise ModelError("call reset(batch_size, max_seq_len) before the first step")
         feed = {name: t.cpu().numpy().astype(np.int64) for name, t in
                 zip(TOKEN_INPUTS, (input_ids, attention_mask, position_ids))}
+        if self.spec.takes_logits_to_keep:
+            feed[LOGITS_TO_KEEP] = np.array([1], np.int64)
         for i in range(self.config.n_layer):
             for j, kind in enumerate(KV_KINDS):
                 feed[past_name(i, kind)] = self._past[2 * i + j]

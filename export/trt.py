@@ -1,7 +1,7 @@
 """Build a TensorRT engine from an export artifact.
 
     python -m export.trt --model DIR [--plugins attention,gelu | --no-plugins] [--max-batch N]
-                         [--max-seq-len N] [--timing-cache FILE] [--tf32] [--graph-only]
+                         [--max-seq-len N] [--timing-cache FILE] [--tf32] [--graph-only] [--check-only]
 
 With plugins (the default) the artifact's fused ONNX is rewritten into the plugin graph
 (export/plugins/graph_pass.py: static in-place KV cache, Triton kernels compiled ahead of time) and
@@ -9,7 +9,9 @@ written beside it as model.plugins.onnx; --no-plugins parses the artifact's own 
 I/O, TensorRT's native Attention/Gelu importers). Two optimization profiles: 0 = prefill, 1 = decode.
 The plan and its manifest (model/artifact.EngineManifest: TensorRT version, GPU, profiles, plugins, source
 ONNX sha256) are written beside the ONNX as trt_plugins.plan/.json or trt_native.plan/.json.
---graph-only writes the plugin graph and stops (needs neither TensorRT nor a GPU).
+--graph-only writes the plugin graph and stops (needs neither TensorRT nor a GPU). Every build first runs the
+TensorRT-parser lint (export/trt_lint.py: onnx-tensorrt's rules for the ops, attributes and types we emit) on the
+graph it would parse and refuses with one line naming the rule; --check-only runs only the lint (no TensorRT).
 
 Written against TensorRT's documented Python API for 10.14+ and 11.x (strongly typed networks:
 precision comes from the ONNX types; builder flags are looked up by name).
@@ -17,6 +19,7 @@ precision comes from the ONNX types; builder flags are looked up by name).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -26,6 +29,7 @@ from typing import Any
 import onnx
 import torch
 
+from export import trt_lint
 from export.plugins.graph_pass import OPTION_NAMES, GraphPassError, to_plugin_graph
 from model.artifact import (
     DECODE,
@@ -35,7 +39,6 @@ from model.artifact import (
     PREFILL,
     PROFILE_NAMES,
     EngineManifest,
-    ExportSpec,
     engine_files,
     gpu_identity,
     read_artifact,
@@ -50,6 +53,11 @@ class EngineBuildError(ModelError):
     """TensorRT's parser or builder refused the network (its log above says why)."""
 
 
+# --hardware-compatibility -> the manifest's record (model.artifact.HARDWARE_COMPATIBILITY) and TensorRT's enum value
+HARDWARE_COMPATIBILITY = {"none": "none", "ampere-plus": "ampere_plus"}
+HARDWARE_COMPATIBILITY_LEVELS = {"none": "NONE", "ampere-plus": "AMPERE_PLUS"}  # pyCore.cpp HardwareCompatibilityLevel
+
+
 def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
     if no_plugins:
         if spec:
@@ -62,44 +70,33 @@ def parse_plugins(spec: str | None, no_plugins: bool) -> tuple[str, ...]:
     return names
 
 
-def refuse_quantized(artifact_dir: Path, spec: ExportSpec) -> None:
-    """TensorRT cannot build export/quantize.py's graphs; say so before any TensorRT work.
-
-    - INT8 with block scales: "Block dequantization is supported for input types DataType::kFP4,
-      DataType::kFP8 and DataType::kINT4" (NVIDIA/TensorRT include/NvInfer.h, class IDequantizeLayer).
-    - INT4 blocks: "The supported block sizes are {64, 128}" (TensorRT docs, inference-library/
-      quantized-types-schemes.html, INT4); onnx-tensorrt ignores DequantizeLinear's block_size and infers
-      the block from the scale shape (onnxOpImporters.cpp QuantDequantLinearHelper), so a wrong block
-      fails only in the builder.
-    - The embedding table is an INT8 Gather: Gather takes "FP32, FP16, BF16, INT32, INT64, BOOL"
-      (onnx-tensorrt docs/operators.md), and its DequantizeLinear would scale an activation with a
-      dynamic rank-3 scale ("Activations cannot be quantized per-channel", NvInfer.h IDequantizeLayer).
-    """
-    if spec.quantize is None:
-        return
-    reasons = []
-    if spec.quantize == "int8":
-        reasons.append("TensorRT has no INT8 block scales")
-    elif spec.quant_block not in (64, 128):
-        reasons.append("TensorRT's INT4 blocks are 64 or 128")
-    reasons.append("its int8 embedding table feeds a Gather, which TensorRT does not take in INT8")
-    raise ModelError(f"{artifact_dir}: this artifact is {spec.quantize}-quantized (block {spec.quant_block}) and "
-                     f"TensorRT cannot build it ({'; '.join(reasons)}); export a float artifact for TensorRT")
+def check_parser_rules(artifact_dir: Path, plugins: tuple[str, ...]) -> None:
+    """The TensorRT-parser lint (export/trt_lint.py) on the graph this build would parse, before any TensorRT work:
+    a ModelError of one line naming the first rule broken.
+    Quantized artifacts pass or fail here like any other (the int8 Gather, INT8 block scales, INT4 blocks)."""
+    name, graph = trt_lint.graph_to_parse(artifact_dir, plugins)
+    findings = trt_lint.lint_model(graph)
+    if findings:
+        raise ModelError(trt_lint.refusal(str(artifact_dir / name), findings))
 
 
 def write_plugin_graph(artifact_dir: Path, plugins: tuple[str, ...]) -> Path:
     """Rewrite the artifact's model.onnx into the plugin graph, written atomically beside it."""
     art = read_artifact(artifact_dir, verify=True)
-    refuse_quantized(artifact_dir, art.spec)
     if art.spec.graph != "fused":
+        check_parser_rules(artifact_dir, ())  # the ort graph's operators: name the rule first
         raise ModelError(f"{artifact_dir}: plugins need the fused export (this one is "
                          f"{art.spec.graph!r}; re-export with --opset 23, or pass --no-plugins)")
     model = onnx.load(str(artifact_dir / MODEL_FILE), load_external_data=True)
     try:
         plugin_graph = to_plugin_graph(model, plugins)  # aot=1 on every plugin node: graph_pass.AOT
     except GraphPassError as e:
+        check_parser_rules(artifact_dir, ())  # a graph the pass cannot take may break a parser rule: name it
         raise ModelError(f"{artifact_dir / MODEL_FILE}: {e}") from None
     del model
+    findings = trt_lint.lint_model(plugin_graph)
+    if findings:
+        raise ModelError(trt_lint.refusal(str(artifact_dir / PLUGIN_GRAPH_FILE), findings))
     out = artifact_dir / PLUGIN_GRAPH_FILE
     tmp_dir = Path(tempfile.mkdtemp(prefix=".plugins.tmp-", dir=artifact_dir))
     try:
@@ -169,14 +166,20 @@ def check_plugin_grids(config: Any, max_batch: int, max_seq_len: int) -> None:
 
 def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("attention", "gelu"), *,
                  max_batch: int = 8, max_seq_len: int | None = None, timing_cache: str | os.PathLike | None = None,
-                 tf32: bool = False, detailed_profile: bool = False, log=print) -> Path:
+                 tf32: bool = False, detailed_profile: bool = False, hardware_compatibility: str = "none",
+                 log=print) -> Path:
     """Build and write the plan + manifest; returns the manifest path.
 
     detailed_profile: ProfilingVerbosity.DETAILED, so that the engine inspector lists every layer with
-    its I/O tensors (NvInfer.h IBuilderConfig::setProfilingVerbosity; benchmarks/gpu_check.py uses it)."""
+    its I/O tensors (NvInfer.h IBuilderConfig::setProfilingVerbosity; benchmarks/gpu_check.py uses it).
+    hardware_compatibility: "none" (this GPU model only) or "ampere-plus" (HARDWARE_COMPATIBILITY)."""
     artifact_dir = Path(artifact_dir)
+    if hardware_compatibility not in HARDWARE_COMPATIBILITY:
+        raise ModelError(f"--hardware-compatibility {hardware_compatibility!r}: choose from "
+                         f"{', '.join(HARDWARE_COMPATIBILITY)}")
+    portable = hardware_compatibility == "ampere-plus"
     art = read_artifact(artifact_dir, verify=True)
-    refuse_quantized(artifact_dir, art.spec)
+    check_parser_rules(artifact_dir, plugins)
     limit = art.spec.max_seq_len
     max_seq_len = limit if max_seq_len is None else max_seq_len
     if not 2 <= max_seq_len <= limit:
@@ -186,14 +189,22 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     if "attention" in plugins:
         check_plugin_grids(art.config, max_batch, max_seq_len)
     trt = require_tensorrt_and_gpu()
+    major, minor = torch.cuda.get_device_capability()
+    if portable and major < 8:  # NvInfer.h kAMPERE_PLUS: "only supported for engines built on ... Ampere and later"
+        raise ModelError(f"--hardware-compatibility ampere-plus: TensorRT builds such engines only on Ampere and newer "
+                         f"GPUs; this one is sm {major}.{minor}")
     t0 = time.perf_counter()
     variant = "plugins" if plugins else "native"
     kernels_record = {}
+    kernel_target = contextlib.nullcontext()
     if plugins:
         import export.plugins.register  # noqa: F401 - registers the plugin creators before parsing (needs tensorrt)
+        from export.plugins import kernels  # imports triton (the tensorrt extra)
 
-        major, minor = torch.cuda.get_device_capability()
-        kernels_record = plugin_manifest(10 * major + minor)
+        capability = kernels.PORTABLE_CAPABILITY if portable else 10 * major + minor
+        kernels_record = plugin_manifest(capability)
+        # register.py's aot_impl compiles for this process's GPU, or for plain sm_80 in a portable engine
+        kernel_target = kernels.aot_target(capability if portable else None)
 
         onnx_path = write_plugin_graph(artifact_dir, plugins)
         log(f"[graph] {onnx_path.name}: plugins {', '.join(plugins)}")
@@ -212,6 +223,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
         raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path.name}: " + " | ".join(errors)[:400])
 
     config = builder.create_builder_config()
+    set_hardware_compatibility(trt, config, hardware_compatibility)
     if "attention" in plugins:  # the cache outputs are aliased to the cache inputs
         config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
     if detailed_profile:  # pyCore.cpp: IBuilderConfig property profiling_verbosity, enum ProfilingVerbosity
@@ -226,7 +238,8 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     add_profiles(builder, config, shapes, input_names, onnx_path.name)
 
     log(f"[build] {variant} engine: max batch {max_batch}, max seq {max_seq_len}, TensorRT {trt.__version__}")
-    plan = builder.build_serialized_network(network, config)
+    with kernel_target:
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError("TensorRT failed to build the engine (see the TensorRT log above)")
     plan_name, manifest_name = engine_files(variant)
@@ -236,6 +249,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     manifest = EngineManifest(
         tensorrt=trt.__version__,
         gpu=gpu_identity(),
+        hardware_compatibility=HARDWARE_COMPATIBILITY[hardware_compatibility],
         variant=variant,
         plugins=tuple(plugins),
         kv_cache="static" if "attention" in plugins else "past_present",
@@ -257,6 +271,17 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     log(f"[write] {plan_name} ({(artifact_dir / plan_name).stat().st_size / 1e6:.1f} MB), {manifest_name} "
         f"in {manifest.build_seconds}s")
     return artifact_dir / manifest_name
+
+
+def set_hardware_compatibility(trt: Any, config: Any, level: str) -> None:
+    """IBuilderConfig's hardware compatibility level. pyCore.cpp (release/10.14 :1867-1868, release/11.0
+    :1746-1747) binds it as the property hardware_compatibility_level over a setter that returns nothing, so
+    the value is read back. kAMPERE_PLUS (NvInfer.h:9935-9946 @ release/10.14): the engine runs on Ampere and newer
+    GPUs, with the builder's kernels limited to 48 KiB of shared memory with the driver's reserve."""
+    wanted = getattr(trt.HardwareCompatibilityLevel, HARDWARE_COMPATIBILITY_LEVELS[level])
+    config.hardware_compatibility_level = wanted
+    if config.hardware_compatibility_level != wanted:
+        raise ModelError(f"--hardware-compatibility {level}: TensorRT kept {config.hardware_compatibility_level}")
 
 
 def add_profiles(builder: Any, config: Any, shapes: list[dict[str, list[tuple[int, ...]]]], input_names: set[str],
@@ -314,9 +339,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-cache", help="timing cache file to read and update (speeds up rebuilds)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 GEMMs (faster, ~1e-3 logits error)")
     p.add_argument("--graph-only", action="store_true", help="write model.plugins.onnx and stop (no TensorRT needed)")
+    p.add_argument("--hardware-compatibility", choices=list(HARDWARE_COMPATIBILITY), default="none",
+                   help="none: the engine runs on this GPU model only; ampere-plus: on every GPU from sm_80 up "
+                        "(TensorRT's AMPERE_PLUS; plugin PTX for sm_80; may be slower) (default: %(default)s)")
+    p.add_argument("--check-only", action="store_true",
+                   help="run the TensorRT-parser lint on the graph a build would parse and stop (no TensorRT needed)")
     a = p.parse_args(argv)
     plugins = parse_plugins(a.plugins, a.no_plugins)
     artifact_dir = Path(a.model)
+    if a.check_only:
+        read_artifact(artifact_dir, verify=True)
+        name, graph = trt_lint.graph_to_parse(artifact_dir, plugins)
+        findings = trt_lint.lint_model(graph)
+        for f in findings:  # every finding on stdout; the refusal itself is the one error line
+            print(f.line())
+        if findings:
+            raise ModelError(trt_lint.refusal(str(artifact_dir / name), findings))
+        print(f"ok: {artifact_dir / name} passes the TensorRT-parser lint ({len(trt_lint.RULES)} rules, "
+              f"{trt_lint.OTRT})")
+        return 0
     if a.graph_only:
         if not plugins:
             raise ModelError("--graph-only writes the plugin graph: it cannot go with --no-plugins")
@@ -324,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
     build_engine(artifact_dir, plugins, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
-                 timing_cache=a.timing_cache, tf32=a.tf32, log=lambda s: print(s, flush=True))
+                 timing_cache=a.timing_cache, tf32=a.tf32, hardware_compatibility=a.hardware_compatibility,
+                 log=lambda s: print(s, flush=True))
     return 0
 
 

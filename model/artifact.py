@@ -85,11 +85,13 @@ Q_SUFFIX, SCALE_SUFFIX = ".q", ".scale"  # quantized initializers: <parameter>.q
 DTYPES = ("float32", "float16")  # of weights, activations and the KV cache; logits are always float32
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-GRAPHS = ("fused", "decomposed")
+GRAPHS = ("fused", "decomposed", "ort")
+LOGITS_TO_KEEP = "logits_to_keep"  # the ort graph's optional input: logits of the last n positions (default 1)
 LOGITS_KINDS = ("last", "all")
 MIN_OPSET, MAX_OPSET = 17, 24  # 17: LayerNormalization; 20: Gelu; 23: Attention
 DEFAULT_OPSET = 23
 FUSED_MIN_OPSET = 23  # ONNX Attention
+ORT_MIN_OPSET = 20  # the ort graph's ONNX Gelu
 QUANT_MIN_OPSET = 21  # DequantizeLinear with block_size, INT4 tensors
 QUANT_BITS = {"int8": 8, "int4": 4}
 MIN_QUANT_BLOCK = 16  # MatMulNBits needs a power of two >= 16
@@ -103,7 +105,9 @@ class ExportSpec:
 
     dtype: str = "float32"
     opset: int = DEFAULT_OPSET
-    graph: str = "fused"  # fused (Attention + Gelu, opset >= 23) | decomposed (opset 17..22 ops)
+    # fused (Attention + Gelu, opset >= 23) | decomposed (opset 17..22 ops) | ort (ONNX Runtime's own
+    # GroupQueryAttention over an in-place KV cache and SkipLayerNormalization, opset >= 20: runs only there)
+    graph: str = "fused"
     max_seq_len: int = 1024  # the longest past + seq the runtime may use (<= the model's block_size)
     logits: str = "last"  # "last": [batch, 1, vocab]; "all": [batch, seq, vocab]
     quantize: str | None = None  # weight-only "int8" | "int4" (export/quantize.py), or None
@@ -119,6 +123,8 @@ class ExportSpec:
             raise ValueError(f"graph {self.graph!r} is not {' or '.join(GRAPHS)}")
         if self.graph == "fused" and self.opset < FUSED_MIN_OPSET:
             raise ValueError(f"graph fused needs opset >= {FUSED_MIN_OPSET} (ONNX Attention); got {self.opset}")
+        if self.graph == "ort" and self.opset < ORT_MIN_OPSET:
+            raise ValueError(f"graph ort needs opset >= {ORT_MIN_OPSET} (ONNX Gelu); got {self.opset}")
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len {self.max_seq_len} is out of range (>= 1)")
         if self.logits not in LOGITS_KINDS:
@@ -140,9 +146,13 @@ class ExportSpec:
     def for_model(cls, config: GPTConfig, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
                   graph: str | None = None, max_seq_len: int | None = None, all_logits: bool = False,
                   quantize: str | None = None, quant_block: int | None = None) -> ExportSpec:
-        """The spec for exporting a model of `config`: graph defaults to fused at opset >= 23, max_seq_len to the
-        block_size, quant_block (with quantize) to DEFAULT_QUANT_BLOCK. ValueError on a bad choice."""
-        spec = cls(dtype=dtype, opset=opset, graph=graph or ("fused" if opset >= FUSED_MIN_OPSET else "decomposed"),
+        """The spec for exporting a model of `config`: graph defaults to ort for a quantized export (when the model's
+        head_dim allows it), else to fused at opset >= 23, decomposed below; max_seq_len to the block_size,
+        quant_block (with quantize) to DEFAULT_QUANT_BLOCK. ValueError on a bad choice."""
+        if graph is None:  # quantized graphs run on ONNX Runtime only: its fastest graph where it can take the model
+            ort_ok = quantize is not None and opset >= QUANT_MIN_OPSET and config.head_dim % 8 == 0
+            graph = "ort" if ort_ok else "fused" if opset >= FUSED_MIN_OPSET else "decomposed"
+        spec = cls(dtype=dtype, opset=opset, graph=graph,
                    max_seq_len=config.block_size if max_seq_len is None else max_seq_len,
                    logits="all" if all_logits else "last", quantize=quantize,
                    quant_block=DEFAULT_QUANT_BLOCK if quantize is not None and quant_block is None else quant_block)
@@ -154,11 +164,27 @@ class ExportSpec:
         if self.max_seq_len > config.block_size:
             raise ValueError(f"max_seq_len {self.max_seq_len} is out of range (1..{config.block_size}, "
                              "the model's block_size)")
+        if self.graph == "ort" and config.head_dim % 8:
+            raise ValueError(f"graph ort needs a head_dim that is a multiple of 8 (GroupQueryAttention); this model's "
+                             f"is {config.head_dim}: use --graph fused")
         if self.quant_block is not None:
             bad = sorted({k for k in (config.n_embd, 4 * config.n_embd) if k % self.quant_block})
             if bad:
                 raise ValueError(f"quant_block {self.quant_block} does not divide the model's input features "
                                  f"{bad[0]}; use a smaller power of two")
+
+    @property
+    def inplace_kv(self) -> bool:
+        """The ort graph's cache: past and present are one buffer [batch, n_head, capacity, head_dim] that a step
+        writes positions past..past+seq-1 of in place (capacity >= past + seq, set by whoever allocates it); the
+        other graphs read past [batch, n_head, past, head_dim] and write a new present of past + seq positions."""
+        return self.graph == "ort"
+
+    @property
+    def takes_logits_to_keep(self) -> bool:
+        """The ort graph with last-position logits has a required input LOGITS_TO_KEEP (int64 [1]): the logits of
+        how many last positions to return (1 for a plain step; more for speculative decoding's verify step)."""
+        return self.graph == "ort" and self.logits == "last"
 
     @property
     def quant_bits(self) -> int | None:
@@ -274,6 +300,9 @@ def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
 PREFILL, DECODE = 0, 1  # the engine's optimization profiles
 PROFILE_NAMES = ("prefill", "decode")
 KV_CACHE_KINDS = ("static", "past_present")  # the attention plugin's in-place cache, or the graph's past/present
+# TensorRT's HardwareCompatibilityLevel an engine was built with: "none" (this GPU model only) or "ampere_plus"
+# (every GPU from sm_80 up: export.trt --hardware-compatibility ampere-plus)
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus")
 
 
 @dataclass(frozen=True)
@@ -282,6 +311,7 @@ class EngineManifest:
 
     tensorrt: str  # the TensorRT version that built it (an engine runs only on the same version)
     gpu: dict[str, str]  # gpu_identity() of the building GPU: {"name", "compute_capability"}
+    hardware_compatibility: str  # HARDWARE_COMPATIBILITY: where else the engine may run
     variant: str  # ENGINE_VARIANTS
     plugins: tuple[str, ...]  # "attention", "gelu" (empty for native)
     kv_cache: str  # KV_CACHE_KINDS: "static" with the attention plugin
@@ -301,6 +331,9 @@ class EngineManifest:
     def __post_init__(self) -> None:
         if self.variant not in ENGINE_VARIANTS:
             raise ValueError(f"variant {self.variant!r} is not one of {', '.join(ENGINE_VARIANTS)}")
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            raise ValueError(f"hardware_compatibility {self.hardware_compatibility!r} is not one of "
+                             f"{', '.join(HARDWARE_COMPATIBILITY)}")
         if self.kv_cache != ("static" if "attention" in self.plugins else "past_present"):
             raise ValueError(f"kv_cache {self.kv_cache!r} does not match plugins {list(self.plugins)}")
         if self.dtype not in DTYPES or self.logits not in LOGITS_KINDS:

@@ -28,6 +28,14 @@ it passes, and zeroes nothing it reads. Four operations change the running batch
 - `trim_left(n)`: drop the first n positions of every row (left padding in all of them), for when
   cache_len reaches the capacity given to reset.
 
+Speculative decoding (runtime/speculate.py) uses two more calls on a running batch:
+
+- `decode_tokens(ids, mask, pos)`: decode_one_token for several new tokens per row, returning the logits
+  of every one of them, [batch, seq, vocab_size]; backends whose graph cannot return them (a TensorRT
+  engine, an onnxruntime artifact with last-position logits and a Concat cache) raise BackendUsageError,
+  which `verifies_tokens` says beforehand;
+- `trim_right(n)`: drop the last n cached positions of every row (the rejected draft tokens).
+
 `reset(capacity, max_seq_len)` empties the running batch and makes room for `capacity` rows of
 `max_seq_len` positions; `prefill` fills the empty batch with its input's rows (a second prefill
 needs a reset first). Positions a row never wrote are left padding to the caller; backends fill
@@ -115,6 +123,16 @@ class Backend(Protocol):
     def trim_left(self, n: int) -> None:
         """Drop the first n cached positions of every row of the running batch."""
 
+    # ---- speculative decoding
+    verifies_tokens: bool  # decode_tokens works (see the module docstring)
+
+    def decode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor) -> torch.Tensor:
+        """decode_one_token for seq >= 1 new tokens per row -> float32 logits of each, [batch, seq, vocab_size]."""
+
+    def trim_right(self, n: int) -> None:
+        """Drop the last n cached positions of every row of the running batch."""
+
 
 def check_step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                       past: int) -> tuple[int, int]:
@@ -191,6 +209,12 @@ def check_trim(backend: Backend, n: int) -> None:
         raise BackendUsageError(f"cannot trim {n} of {backend.cache_len} cached positions")
 
 
+def check_verifies(backend: Backend, why_not: str) -> None:
+    """decode_tokens on a backend that cannot return every new position's logits: why_not says why."""
+    if not backend.verifies_tokens:
+        raise BackendUsageError(f"{backend.name} cannot return the logits of several new tokens ({why_not})")
+
+
 # ---- helpers the backends' row operations share (views [rows, n_head, positions, head_dim])
 
 def write_rows(batch: torch.Tensor, first: int, new: torch.Tensor) -> None:
@@ -200,6 +224,35 @@ def write_rows(batch: torch.Tensor, first: int, new: torch.Tensor) -> None:
     rows = batch[first:first + new.shape[0]]
     rows[:, :, :P - L] = 0
     rows[:, :, P - L:] = new
+
+
+def static_add_rows(buffers: list[torch.Tensor], rows: int, cached: int, cache: RowCache) -> int:
+    """add_rows on static caches: buffers [capacity rows, n_head, capacity positions, head_dim] per layer, key then
+    value, holding `rows` rows of `cached` positions at their start. -> the new cached length."""
+    B, P, n, L = rows, cached, cache.rows, cache.length
+    if L > P:  # every running row gains L - P positions of left padding
+        for buf in buffers:
+            shift_rows(buf[:B, :, :P].clone(), buf[:B, :, :L], L - P)
+        P = L
+    new = [t for kv in cache.layers for t in kv]
+    for buf, rows_new in zip(buffers, new):
+        write_rows(buf[:B + n, :, :P], B, rows_new)
+    return P
+
+
+def static_release_row(buffers: list[torch.Tensor], row: int, rows: int, cached: int) -> None:
+    """release_row on static caches (as static_add_rows): the last row moves into `row`."""
+    last = rows - 1
+    if row != last:
+        for buf in buffers:
+            buf[row, :, :cached] = buf[last, :, :cached]
+
+
+def static_trim_left(buffers: list[torch.Tensor], rows: int, cached: int, n: int) -> None:
+    """trim_left on static caches (as static_add_rows)."""
+    if n:
+        for buf in buffers:
+            shift_rows(buf[:rows, :, :cached].clone(), buf[:rows, :, :cached - n], -n)
 
 
 def shift_rows(src: torch.Tensor, dst: torch.Tensor, shift: int) -> None:

@@ -4,10 +4,12 @@
     python -m runtime.generate --model artifacts/demo --backend onnxruntime --prompt "ROMEO:" --greedy
     python -m runtime.generate --model artifacts/demo --backend tensorrt --prompt "ROMEO:"    (GPU, after export.trt)
     python -m runtime.generate --model path/to/hf-gpt2 --prompt-file p.txt --temperature 0.7 --top-p 0.9 --seed 1
+    python -m runtime.generate --model artifacts/gpt2-int4 --backend onnxruntime --prompt-file p.txt --speculate ngram
 
 stdout gets, per sample, the prompt followed by the generated text as it is produced (samples
 separated by a line of dashes); stderr gets one line of figures at the end: prompt tokens, new
-tokens, prefill ms, decode tokens/s (and the seed, so a sampled run can be repeated).
+tokens, prefill ms, decode tokens/s (and the seed, so a sampled run can be repeated; with speculative
+decoding, how many drafted tokens were accepted).
 Sampling semantics: see runtime/loop.py.
 """
 
@@ -21,8 +23,9 @@ import sys
 from pathlib import Path
 
 from model.errors import CliParser, ModelError, require_extra, run_cli
-from runtime.loop import GenerationResult, SamplingParams, generate, new_guides, prepare_prompts
+from runtime.loop import GenerationResult, SamplingParams, check_drafter, generate, new_guides, prepare_prompts
 from runtime.open_backend import BACKENDS, add_backend_flags, open_backend
+from runtime.speculate import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, Drafter, ModelDrafter, parse_speculate
 
 DEFAULT_MODEL = "demo"
 DEFAULT_BACKEND = "torch"
@@ -83,8 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the last block_size tokens (once the context is full every token re-runs the whole "
                         "window, about block_size times the work of a cached step); excludes --truncate "
                         "(default: refuse a prompt + --max-new-tokens that does not fit)")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--speculate", metavar="ngram[:K]",
+                      help="speculative decoding with prompt lookup: propose the K (default "
+                           f"{DEFAULT_DRAFT_TOKENS}) tokens that followed the latest match of the last tokens, check "
+                           "them in one step; the output is unchanged (docs/runtime.md)")
+    spec.add_argument("--draft-model", metavar="SRC_OR_DIR",
+                      help="speculative decoding with a smaller model of the same tokenizer, on the same --backend, "
+                           "proposing --draft-tokens per step")
+    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
+                   help=f"tokens the draft model proposes per step, 1..{MAX_DRAFT_TOKENS} (default: %(default)s)")
     add_backend_flags(p)
     return p
+
+
+def make_drafter(args: argparse.Namespace) -> Drafter | None:
+    """--speculate / --draft-model -> the drafter (None: plain decoding)."""
+    if not 1 <= args.draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ModelError(f"--draft-tokens must be in 1..{MAX_DRAFT_TOKENS}, got {args.draft_tokens}")
+    if args.speculate is not None:
+        try:
+            return parse_speculate(args.speculate)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+    if args.draft_model is not None:
+        draft = open_backend(args.backend, args.draft_model, device=args.device, provider=args.provider,
+                             threads=args.threads)
+        return ModelDrafter(draft, k=args.draft_tokens)
+    return None
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -152,9 +181,12 @@ def format_stats(backend_name: str, results: list[GenerationResult], prompt_len:
     decode_tokens = sum(r.decode_tokens for r in results)
     tps = f"{decode_tokens / decode_s:.1f}" if decode_s > 0 else "n/a"
     seeds = [r.seed for r in results if r.seed is not None]
+    proposed, accepted = sum(r.draft_proposed for r in results), sum(r.draft_accepted for r in results)
     line = (f"[{backend_name}] prompt tokens: {prompt_tokens}{truncated} | new tokens: {new_tokens}"
             f"{f' ({len(results)} samples)' if len(results) > 1 else ''} | prefill: {prefill_ms:.1f} ms"
             f"{' (mean)' if len(results) > 1 else ''} | decode: {tps} tokens/s")
+    if proposed:
+        line += f" | drafts accepted: {accepted}/{proposed}"
     return line + (f" | seed: {seeds[0]}" if seeds else "")
 
 
@@ -166,11 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     prompt = read_prompt(args)
     backend = open_backend(args.backend, args.model, device=args.device, provider=args.provider,
                            threads=args.threads)
+    drafter = make_drafter(args)
     prompt_ids = backend.tokenizer.encode(prompt)
     if not prompt_ids:
         raise ModelError("the prompt encodes to zero tokens")
     prepare_prompts([prompt_ids], params, backend)  # fails here, before any output
     new_guides(params, backend.tokenizer, 1)  # and so does a schema the vocabulary cannot spell
+    if drafter is not None:
+        check_drafter(backend, drafter, 1, params)
 
     def stream(_row: int, text: str) -> None:
         sys.stdout.write(text)
@@ -186,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed = results[0].seed + i  # a random first seed, then consecutive ones: repeatable from the report
             sys.stdout.write(prompt)
             sys.stdout.flush()
-            results.append(generate(backend, [prompt_ids], dataclasses.replace(params, seed=seed), on_text=stream))
+            results.append(generate(backend, [prompt_ids], dataclasses.replace(params, seed=seed), on_text=stream,
+                                    drafter=drafter))
         sys.stdout.write("\n")
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. `| head`: stop quietly, as other CLI tools do

@@ -39,6 +39,7 @@ import torch
 from model.errors import ModelError
 from runtime.backend import Backend
 from runtime.sampling import MAX_PENALTY, adjust_logits, check_logit_bias
+from runtime.speculate import Drafter, verify_greedy, verify_sampled
 
 StreamCallback = Callable[[int, str], None]  # (row, new text) as soon as it is final
 
@@ -101,6 +102,8 @@ class GenerationResult:
     prefill_ms: float = 0.0
     decode_s: float = 0.0
     decode_tokens: int = 0  # tokens produced by decode steps, summed over rows still running
+    draft_proposed: int = 0  # speculative decoding: tokens the drafter proposed, and how many the model kept
+    draft_accepted: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -179,6 +182,13 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, n_vocab: int,
         # torch's splits 50k logits across its intra-op pool, whose threads then keep spinning through the
         # next step and take the cores from ONNX Runtime's own pool (README "Where the loop's time went")
         return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return torch.multinomial(sampling_probs(logits, params, n_vocab), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams, n_vocab: int) -> torch.Tensor:
+    """logits [rows, vocab_size] -> the distribution sampling draws from, [rows, n_vocab] float32 on CPU
+    (temperature, then top-k, then top-p; the module docstring). Not for greedy params."""
+    logits = logits[:, :n_vocab].float().cpu()
     # shift so the largest is 0 first: a tiny temperature then gives -inf / 0, never inf - inf = NaN
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k is not None and params.top_k < n_vocab:
@@ -190,7 +200,26 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, n_vocab: int,
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
         sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)  # the first always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
+
+
+def check_drafter(backend: Backend, drafter: Drafter, rows: int, params: SamplingParams | None = None) -> None:
+    """Speculative decoding: one row, a backend whose steps return every new position's logits, a draft
+    model with the same tokenizer, and no logit_bias, penalties or grammar (verification uses raw logits)."""
+    if rows != 1:
+        raise GenerationError(f"speculative decoding runs one prompt at a time, got {rows}")
+    if params is not None and (params.logit_bias or params.presence_penalty or params.frequency_penalty
+                               or params.grammar is not None):
+        raise GenerationError("speculative decoding does not take logit_bias, presence/frequency penalties or a "
+                              "JSON schema (its verification reads the model's own logits)")
+    if not backend.verifies_tokens:
+        raise GenerationError(f"speculative decoding needs the logits of several new tokens, which {backend.name} "
+                              "cannot return (onnxruntime: export with --graph ort or --all-logits)")
+    draft = getattr(drafter, "backend", None)  # ModelDrafter
+    if draft is not None and (draft.tokenizer.n_vocab != backend.tokenizer.n_vocab
+                              or draft.tokenizer.spec != backend.tokenizer.spec):
+        raise GenerationError(f"the draft model's tokenizer ({draft.tokenizer.n_vocab} tokens) is not the "
+                              f"model's ({backend.tokenizer.n_vocab})")
 
 
 def new_guides(params: SamplingParams, tok: Any, rows: int) -> list[Any] | None:
@@ -263,12 +292,15 @@ class StopStringScanner:
 
 
 def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             on_text: StreamCallback | None = None) -> GenerationResult:
+             on_text: StreamCallback | None = None, drafter: Drafter | None = None) -> GenerationResult:
     """Generate for a batch of tokenized prompts (any lengths; they are left-padded together).
 
-    on_text(row, text) streams each row's new text as soon as it is final. Raises GenerationError
-    for an empty prompt, an out-of-vocabulary id, or a prompt that does not fit.
+    on_text(row, text) streams each row's new text as soon as it is final. drafter: speculative decoding
+    (runtime/speculate.py), for one prompt on a backend that verifies_tokens. Raises GenerationError
+    for an empty prompt, an out-of-vocabulary id, a prompt that does not fit, or a drafter it cannot use.
     """
+    if drafter is not None:
+        check_drafter(backend, drafter, len(prompts), params)
     prompts = prepare_prompts(prompts, params, backend)
     tok = backend.tokenizer
     seed = None
@@ -326,7 +358,32 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Samplin
 
     t0 = time.perf_counter()
     seq = prompt_len
+    if drafter is not None:
+        drafter.start(prompts[0] + tokens[0])  # the context so far: the prompt and the first token
     while any(running):
+        if drafter is not None and seq < total:  # one speculative round (runtime/speculate.py)
+            room = min(drafter.k, total - seq - 1, params.max_new_tokens - len(tokens[0]) - 1)
+            drafts, q = drafter.propose(prompts[0] + tokens[0], room, params, generator) if room > 0 else ([], None)
+            S = 1 + len(drafts)
+            ids = torch.tensor([[int(next_ids[0])] + drafts], device=device)
+            pos = next_pos.to(device) + torch.arange(S, device=device)
+            logits = backend.decode_tokens(ids, attention_mask[:, :seq + S], pos)[0]
+            if params.is_greedy:
+                new = verify_greedy(logits.cpu(), drafts, tok.n_vocab)
+            else:
+                new = verify_sampled(logits.cpu(), drafts, q, params, tok.n_vocab, generator)
+            kept = len(new) - 1
+            backend.trim_right(len(drafts) - kept)
+            drafter.accept(drafts, kept, new[-1])
+            result.draft_proposed += len(drafts)
+            result.draft_accepted += kept
+            seq += 1 + kept
+            next_pos = next_pos + 1 + kept
+            for t in new:
+                result.decode_tokens += running[0]
+                take(torch.tensor([t]))
+            next_ids = torch.tensor([new[-1]])
+            continue
         if seq < total:
             seq += 1
             logits = backend.decode_one_token(next_ids[:, None].to(device), attention_mask[:, :seq],

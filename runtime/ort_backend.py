@@ -1,12 +1,19 @@
 """ONNX Runtime backend: runs an export artifact (model/artifact.py) behind the Backend protocol.
 
-The KV cache lives in preallocated torch buffers bound with IO binding: per layer two flat
-buffers of capacity batch * n_head * max_seq_len * head_dim each for key and value. A step
-reads past [B, H, P, D] from the start of one buffer and ORT writes present [B, H, P+S, D]
-straight into the start of the other (the graph's Concat produces it), then the two swap.
-Logits land in a preallocated buffer too; nothing goes through Python lists. The running batch
-(runtime/backend.py's row operations) is dense at the start of the current buffer; a row operation
-that changes the cached length copies it into the other buffer with the new layout.
+The KV cache lives in preallocated torch buffers bound with IO binding, in one of two layouts:
+
+- the ort graph (ExportSpec.inplace_kv): per layer one key and one value buffer [rows, n_head,
+  max_seq_len, head_dim], bound as both past and present; GroupQueryAttention writes the step's
+  positions in place, so a step copies nothing. The running batch is the buffers' first `rows`
+  rows, as the torch backend's static cache (runtime/backend.py's static_* row operations).
+- the fused and decomposed graphs: per layer two flat buffers of capacity batch * n_head *
+  max_seq_len * head_dim each for key and value. A step reads past [B, H, P, D] from the start of
+  one buffer and ORT writes present [B, H, P+S, D] straight into the start of the other (the
+  graph's Concat produces it), then the two swap. The running batch is dense at the start of the
+  current buffer; a row operation that changes the cached length copies it into the other buffer
+  with the new layout.
+
+Logits land in a preallocated buffer too; nothing goes through Python lists.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import numpy as np
 import torch
 
 from export.session import open_session, resolve_providers
-from model.artifact import KV_KINDS, TORCH_DTYPES, past_name, present_name, read_artifact
+from model.artifact import KV_KINDS, LOGITS_TO_KEEP, TORCH_DTYPES, past_name, present_name, read_artifact
 from runtime.backend import (
     BackendUsageError,
     RowCache,
@@ -28,8 +35,12 @@ from runtime.backend import (
     check_room,
     check_row,
     check_trim,
+    check_verifies,
     describe,
     shift_rows,
+    static_add_rows,
+    static_release_row,
+    static_trim_left,
     write_rows,
 )
 
@@ -60,9 +71,12 @@ class OnnxRuntimeBackend:
         self._kv_names = [(past_name(i, kind), present_name(i, kind))
                           for i in range(self.config.n_layer) for kind in KV_KINDS]
         self._bind_where = ("cpu" if self.device.type == "cpu" else "cuda", self.device.index or 0)
-        self._kv: list[list[list[torch.Tensor]]] | None = None
+        self.inplace = self.spec.inplace_kv
+        self._kv: list[list[list[torch.Tensor]]] | None = None  # Concat layout: [ping/pong][layer][key/value]
+        self._static: list[torch.Tensor] = []  # in-place layout: per layer key, value [rows, H, positions, D]
         self._no_past = torch.zeros(1, dtype=self.kv_dtype, device=self.device)  # a real address for past 0
         self._logits = torch.empty(0, 1, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        self._keep = {n: torch.tensor([n], dtype=torch.int64) for n in range(1, 17)}  # logits_to_keep values
 
     def describe(self) -> dict:
         # intra-op threads 0 = onnxruntime's default: one thread per physical core
@@ -72,13 +86,20 @@ class OnnxRuntimeBackend:
     def reset(self, batch_size: int, max_seq_len: int) -> None:
         check_reset(self, batch_size, max_seq_len)
         c = self.config
-        n = batch_size * c.n_head * max_seq_len * c.head_dim
-        # [ping/pong][layer][key/value] flat buffers; reused while they are large enough, and the
-        # old ones are dropped before new ones are allocated, so a cache is never held twice
-        if not self._kv or self._kv[0][0][0].numel() < n:
-            self._kv = None
-            self._kv = [[[torch.empty(n, dtype=self.kv_dtype, device=self.device) for _ in range(2)]
-                         for _ in range(c.n_layer)] for _ in range(2)]
+        # buffers are reused while they are large enough, and the old ones are dropped before new ones are
+        # allocated, so a cache is never held twice
+        if self.inplace:
+            if not self._static or self._static[0].shape[0] < batch_size or self._static[0].shape[2] != max_seq_len:
+                self._static = []
+                shape = (batch_size, c.n_head, max_seq_len, c.head_dim)
+                self._static = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+                                for _ in range(2 * c.n_layer)]
+        else:
+            n = batch_size * c.n_head * max_seq_len * c.head_dim
+            if not self._kv or self._kv[0][0][0].numel() < n:
+                self._kv = None
+                self._kv = [[[torch.empty(n, dtype=self.kv_dtype, device=self.device) for _ in range(2)]
+                             for _ in range(c.n_layer)] for _ in range(2)]
         if self._logits.shape[0] < batch_size:
             self._logits = torch.empty(batch_size, 1, c.vocab_size, dtype=torch.float32, device=self.device)
         self._capacity = (batch_size, max_seq_len)
@@ -111,7 +132,7 @@ class OnnxRuntimeBackend:
         shape = (n, c.n_head, T, c.head_dim)
         layers = [(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(c.n_layer)]
-        past = [(self._no_past, self._no_past)] * c.n_layer
+        past = layers if self.inplace else [(self._no_past, self._no_past)] * c.n_layer
         logits = torch.empty(n, T if self.spec.logits == "all" else 1, c.vocab_size,
                              dtype=torch.float32, device=self.device)
         binding = self.session.io_binding()
@@ -121,6 +142,9 @@ class OnnxRuntimeBackend:
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
         check_room(self._capacity, B + n, max(P, L))
+        if self.inplace:
+            self.rows, self.cache_len = B + n, static_add_rows(self._static, B, P, cache)
+            return
         if L > P:
             self._relayout(L - P)
             P = L
@@ -132,7 +156,9 @@ class OnnxRuntimeBackend:
     def release_row(self, row: int) -> None:
         check_row(self, row)
         last = self.rows - 1
-        if row != last:
+        if self.inplace:
+            static_release_row(self._static, row, self.rows, self.cache_len)
+        elif row != last:
             for bufs in self._kv[self._cur]:
                 for buf in bufs:
                     view = self._view(buf, self.rows, self.cache_len)
@@ -143,16 +169,45 @@ class OnnxRuntimeBackend:
 
     def trim_left(self, n: int) -> None:
         check_trim(self, n)
-        if n:
+        if self.inplace:
+            static_trim_left(self._static, self.rows, self.cache_len, n)
+            self.cache_len -= n
+        elif n:
             self._relayout(-n)
 
-    def _relayout(self, shift: int) -> None:
+    # ---- speculative decoding (runtime/backend.py)
+
+    @property
+    def verifies_tokens(self) -> bool:
+        return self.spec.takes_logits_to_keep or self.spec.logits == "all"
+
+    def decode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor) -> torch.Tensor:
+        check_verifies(self, f"the {self.spec.graph} graph returns the last position's logits only: export with "
+                             "--graph ort, or --all-logits")
+        check_decode(self, input_ids, attention_mask, position_ids)
+        if self.inplace and input_ids.shape[0] > 1 and input_ids.shape[1] > 1:
+            raise BackendUsageError("the ort graph's GroupQueryAttention takes several new tokens over a past at "
+                                    f"batch 1 only, got batch {input_ids.shape[0]}")
+        return self._step(input_ids, attention_mask, position_ids, all_positions=True)
+
+    def trim_right(self, n: int) -> None:
+        check_trim(self, n)
+        if self.inplace:  # positions past cache_len are written again before they are read
+            self.cache_len -= n
+        elif n:
+            self._relayout(-n, right=True)
+
+    def _relayout(self, shift: int, right: bool = False) -> None:
         """Copy the running batch into the other buffer with `shift` more (or, < 0, fewer) positions of
-        left padding per row, and make that buffer the current one."""
+        left padding per row (right: -shift fewer positions at the end), and make that buffer the current one."""
         B, P, P2 = self.rows, self.cache_len, self.cache_len + shift
         for src_bufs, dst_bufs in zip(self._kv[self._cur], self._kv[1 - self._cur]):
             for src, dst in zip(src_bufs, dst_bufs):
-                shift_rows(self._view(src, B, P), self._view(dst, B, P2), shift)
+                if right:
+                    self._view(dst, B, P2).copy_(self._view(src, B, P)[:, :, :P2])
+                else:
+                    shift_rows(self._view(src, B, P), self._view(dst, B, P2), shift)
         self._cur, self.cache_len = 1 - self._cur, P2
 
     def _view(self, buf: torch.Tensor, B: int, P: int) -> torch.Tensor:
@@ -176,9 +231,14 @@ class OnnxRuntimeBackend:
         feeds = [t.to(self.device, torch.int64).contiguous() for t in (input_ids, attention_mask, position_ids)]
         for name, t in zip(("input_ids", "attention_mask", "position_ids"), feeds):
             self._bind(binding, name, t, tuple(t.shape))
+        if self.spec.takes_logits_to_keep:  # a CPU input whatever the provider: ORT reads it as a shape
+            keep = self._keep.get(logits.shape[1]) or torch.tensor([logits.shape[1]], dtype=torch.int64)
+            binding.bind_input(LOGITS_TO_KEEP, "cpu", 0, np.int64, [1], keep.data_ptr())
         bind_in, bind_out = binding.bind_input, binding.bind_output
         (where, index), kv_type = self._bind_where, NP_DTYPES[self.kv_dtype]
         past_shape, present_shape = [B, c.n_head, P, c.head_dim], [B, c.n_head, T, c.head_dim]
+        if self.inplace:  # past and present: the same buffers, bound whole (their first B rows)
+            past_shape = present_shape = [B, c.n_head, past[0][0].shape[2], c.head_dim]
         past_bufs = [t for kv in past for t in kv]
         present_bufs = [t for kv in present for t in kv]
         for (input_name, output_name), src, dst in zip(self._kv_names, past_bufs, present_bufs):
@@ -189,23 +249,32 @@ class OnnxRuntimeBackend:
         del feeds  # kept alive until the run finished
 
     def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              position_ids: torch.Tensor) -> torch.Tensor:
+              position_ids: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
         B, S = input_ids.shape
         P, T = self.cache_len, self.cache_len + S
         check_room(self._capacity, B, T)
         c = self.config
-        if self.spec.logits == "all":
+        if self.spec.logits == "all" or all_positions:
             logits = torch.empty(B, S, c.vocab_size, dtype=torch.float32, device=self.device)
         else:
             logits = self._logits[:B]
-        self._run(self._binding, input_ids, attention_mask, position_ids, self._kv[self._cur], P,
-                  self._kv[1 - self._cur], logits)
-        self.rows, self.cache_len, self._cur = B, T, 1 - self._cur
+        if self.inplace:
+            layers = [tuple(self._static[2 * i:2 * i + 2]) for i in range(c.n_layer)]
+            self._run(self._binding, input_ids, attention_mask, position_ids, layers, P, layers, logits)
+        else:
+            self._run(self._binding, input_ids, attention_mask, position_ids, self._kv[self._cur], P,
+                      self._kv[1 - self._cur], logits)
+            self._cur = 1 - self._cur
+        self.rows, self.cache_len = B, T
+        out = logits if all_positions else logits[:, -1]
         if self.device.type == "cpu":  # a numpy copy stays on this thread (torch's clone of 50k floats would not)
-            return torch.from_numpy(logits[:, -1].numpy().copy())
-        return logits[:, -1].clone()
+            return torch.from_numpy(out.numpy().copy())
+        return out.clone()
 
     def present(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The cache after the last step as [B, H, past, D] views (for tests and debugging)."""
+        if self.inplace:
+            return [(self._static[2 * i][:self.rows, :, :self.cache_len],
+                     self._static[2 * i + 1][:self.rows, :, :self.cache_len]) for i in range(self.config.n_layer)]
         return [(self._view(k, self.rows, self.cache_len), self._view(v, self.rows, self.cache_len))
                 for k, v in self._kv[self._cur]]

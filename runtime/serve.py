@@ -450,7 +450,7 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
             if req.logprobs is None:
                 return None
             c, start = rows[k], lp_sent[k]
-            tokens, entries, offs = c.tokens[start:end], c.token_logprobs[start:end], []
+            tokens, entries = c.tokens[start:end], c.token_logprobs[start:end]
             offs = [offsets[k].offset(c.tokens, i) for i in range(start, end)]
             lp_sent[k] = end
             if with_prompt and req.echo:

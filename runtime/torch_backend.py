@@ -22,8 +22,9 @@ from runtime.backend import (
     check_row,
     check_trim,
     describe,
-    shift_rows,
-    write_rows,
+    static_add_rows,
+    static_release_row,
+    static_trim_left,
 )
 
 
@@ -87,36 +88,38 @@ class TorchBackend:
 
     @torch.inference_mode()
     def add_rows(self, cache: RowCache) -> None:
-        B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
-        check_room(self._capacity, B + n, max(P, L))
-        if L > P:  # every running row gains L - P positions of left padding
-            for buf in self._buffers():
-                shift_rows(buf[:B, :, :P].clone(), buf[:B, :, :L], L - P)
-            P = L
-        for (k_new, v_new), kv in zip(cache.layers, self.model.kv_caches()):
-            write_rows(kv.k_cache[:B + n, :, :P], B, k_new)
-            write_rows(kv.v_cache[:B + n, :, :P], B, v_new)
-        self.rows, self.cache_len = B + n, P
+        check_room(self._capacity, self.rows + cache.rows, max(self.cache_len, cache.length))
+        self.cache_len = static_add_rows(self._buffers(), self.rows, self.cache_len, cache)
+        self.rows += cache.rows
 
     @torch.inference_mode()
     def release_row(self, row: int) -> None:
         check_row(self, row)
-        last, P = self.rows - 1, self.cache_len
-        if row != last:
-            for buf in self._buffers():
-                buf[row, :, :P] = buf[last, :, :P]
-        self.rows = last
+        static_release_row(self._buffers(), row, self.rows, self.cache_len)
+        self.rows -= 1
         if not self.rows:
             self.cache_len = 0
 
     @torch.inference_mode()
     def trim_left(self, n: int) -> None:
         check_trim(self, n)
-        B, P = self.rows, self.cache_len
-        if n:
-            for buf in self._buffers():
-                shift_rows(buf[:B, :, :P].clone(), buf[:B, :, :P - n], -n)
-            self.cache_len = P - n
+        static_trim_left(self._buffers(), self.rows, self.cache_len, n)
+        self.cache_len -= n
+
+    # ---- speculative decoding (runtime/backend.py)
+    verifies_tokens = True
+
+    def decode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor) -> torch.Tensor:
+        check_decode(self, input_ids, attention_mask, position_ids)
+        check_room(self._capacity, self.rows, self.cache_len + input_ids.shape[1])
+        logits = self._forward(input_ids, attention_mask, position_ids, self.cache_len, last_only=False)
+        self.cache_len += input_ids.shape[1]
+        return logits
+
+    def trim_right(self, n: int) -> None:
+        check_trim(self, n)  # positions past cache_len are written again before they are read
+        self.cache_len -= n
 
     def _buffers(self) -> list[torch.Tensor]:
         return [buf for kv in self.model.kv_caches() for buf in (kv.k_cache, kv.v_cache)]
@@ -127,11 +130,12 @@ class TorchBackend:
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 start: int) -> torch.Tensor:
-        """One step of the running batch: positions start.. of its rows, written into the static caches."""
+                 start: int, last_only: bool = True) -> torch.Tensor:
+        """One step of the running batch: positions start.. of its rows, written into the static caches.
+        -> logits [B, vocab] of the last position, or [B, seq, vocab] of every one (last_only False)."""
         input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids)
         if bool(attention_mask.all()):  # no padding: SDPA's unmasked kernels (GPT.forward's attention_inputs)
             attention_mask = None
         logits, _ = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               last_logits_only=True, input_pos=start)
-        return logits[:, -1].float()
+                               last_logits_only=last_only, input_pos=start)
+        return logits[:, -1].float() if last_only else logits.float()

@@ -13,8 +13,10 @@ optimization profile (0 = prefill, 1 = decode), so no profile switch happens bet
   written straight into the other buffer, which becomes the next step's past (no copies). A zero-length
   past (prefill) still gets a real, non-null address.
 
-The manifest written with the plan must name this process's TensorRT version and GPU, else the
-engine is refused with a one-line error. Every call whose failure the Python bindings report by a
+The manifest written with the plan must name this process's TensorRT version and GPU (for an engine built with
+--hardware-compatibility ampere-plus: any GPU from sm 8.0 up), else the engine is refused with a one-line error
+before deserialization (check_engine_gpu). Plugin engines are AOT: loading one imports neither Triton nor the
+plugin definitions (export/plugins/register.py). Every call whose failure the Python bindings report by a
 return value is checked, every engine I/O tensor must have an address before execute_async_v3, and
 the input copies wait for the caller's stream. Written against the documented API and
 python/src/infer/pyCore.cpp; tests/test_trt_backend_calls.py checks the calls against a stand-in
@@ -33,6 +35,7 @@ from model.artifact import (
     DECODE,
     PREFILL,
     TORCH_DTYPES,
+    EngineManifest,
     cache_names,
     engine_files,
     gpu_identity,
@@ -52,10 +55,28 @@ from runtime.backend import (
     check_room,
     check_row,
     check_trim,
+    check_verifies,
     describe,
     shift_rows,
     write_rows,
 )
+
+
+def check_engine_gpu(manifest: EngineManifest, gpu: dict[str, str], where: str) -> None:
+    """Refuse, in one line and before deserialization, an engine this GPU cannot run: one built for another GPU
+    model, or a hardware-compatible (ampere_plus) one on a GPU older than Ampere (NvInfer.h kAMPERE_PLUS:
+    "compatible with Ampere and newer GPUs")."""
+    major = int(gpu["compute_capability"].split(".")[0])
+    if manifest.hardware_compatibility == "ampere_plus":
+        if major < 8:
+            raise ModelError(f"{where}: engine built to run on Ampere and newer GPUs (--hardware-compatibility "
+                             f"ampere-plus), this GPU is {gpu['name']} (sm {gpu['compute_capability']})")
+        return
+    if manifest.gpu != gpu:
+        raise ModelError(f"{where}: engine built for {manifest.gpu['name']} "
+                         f"(sm {manifest.gpu['compute_capability']}), this GPU is {gpu['name']} "
+                         f"(sm {gpu['compute_capability']}); rebuild with python -m export.trt, or build one with "
+                         "--hardware-compatibility ampere-plus")
 
 
 class TensorRTBackend:
@@ -68,20 +89,17 @@ class TensorRTBackend:
         self.config, self.tokenizer = art.config, art.tokenizer
         manifest_path = self._find_manifest(variant)
         manifest = read_engine_manifest(manifest_path)
-        gpu = gpu_identity()
         if manifest.tensorrt != trt.__version__:
             raise ModelError(f"{manifest_path.name}: engine built with TensorRT {manifest.tensorrt}, this is "
                              f"{trt.__version__}; rebuild with python -m export.trt")
-        if manifest.gpu != gpu:
-            raise ModelError(f"{manifest_path.name}: engine built for {manifest.gpu['name']} "
-                             f"(sm {manifest.gpu['compute_capability']}), this GPU is {gpu['name']} "
-                             f"(sm {gpu['compute_capability']}); rebuild with python -m export.trt")
+        check_engine_gpu(manifest, gpu_identity(), manifest_path.name)
         plan_path = self.artifact_dir / manifest.plan["file"]
         if not plan_path.is_file() or sha256_file(plan_path) != manifest.plan["sha256"]:
             raise ModelError(f"{plan_path}: missing or does not match its manifest; rebuild with python -m export.trt")
-        if manifest.plugins:
-            import export.plugins.register  # noqa: F401 - creators for test-only JIT (aot=0) nodes
-
+        # no export.plugins.register here: every engine export.trt builds is AOT (graph_pass.AOT), its kernels are
+        # in the plan, and NVIDIA's quickly_deployable_plugins README ("Loading and running a TRT engine containing
+        # an AOT plugin") says such an engine "does not require any Python modules or definitions to be present at
+        # runtime": a serving host needs neither Triton nor tensorrt.plugin
         self.manifest = manifest
         self.variant = manifest.variant
         self.static_cache = manifest.kv_cache == "static"  # attention plugin: in-place cache
@@ -287,6 +305,16 @@ class TensorRTBackend:
         if n:
             with torch.cuda.stream(self.stream):
                 self._shift(-n)
+
+    # ---- speculative decoding (runtime/backend.py): an engine returns the last position's logits only
+    verifies_tokens = False
+
+    def decode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor) -> torch.Tensor:
+        check_verifies(self, "its engine returns the last position's logits only")
+
+    def trim_right(self, n: int) -> None:
+        check_verifies(self, "its engine returns the last position's logits only: nothing to roll back")
 
     def _batch_view(self, layer: int, kind: str, B: int, P: int) -> torch.Tensor:
         """The running batch's [B, H, P, D] cache of one layer and kind."""

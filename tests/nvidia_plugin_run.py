@@ -1,7 +1,7 @@
 """Subprocess half of tests/test_trt_plugin_nvidia.py: register.py through NVIDIA's tensorrt.plugin.
 
 Run by the test in a fresh process (it compiles Triton kernels, which an interpreter process cannot):
-loads NVIDIA's plugin package over the compiled-core stand-in (benchmarks/trt_standin.py), imports
+loads NVIDIA's plugin package over the compiled-core stand-in (tests/support/trt_standin.py), imports
 export/plugins/register.py (NVIDIA's validators run on every decorated function), takes the plugin
 nodes from the real graph pass output of a tiny model, and builds each node the way onnx-tensorrt and
 TensorRT's builder drive a QDP plugin. Prints one JSON object.
@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--target", type=int, default=90, help="compute capability to compile the PTX for")
     a = p.parse_args()
 
-    from benchmarks import trt_standin as S
+    from tests.support import trt_standin as S
 
     trt, trtp = S.load()
     from export.plugins import kernels

@@ -18,14 +18,15 @@ from runtime.backend import Backend, BackendUsageError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(params=["torch", "onnxruntime", "tensorrt"])
-def backend(request, demo_onnx, monkeypatch):
+@pytest.fixture(params=["torch", "onnxruntime", "onnxruntime-ort", "tensorrt"])
+def backend(request, monkeypatch):
     from runtime.open_backend import open_backend
 
     if request.param == "torch":
         return open_backend("torch", "demo")
-    if request.param == "onnxruntime":
-        return open_backend("onnxruntime", str(demo_onnx), threads=1)
+    if request.param.startswith("onnxruntime"):
+        artifact = request.getfixturevalue("demo_ort" if request.param == "onnxruntime-ort" else "demo_onnx")
+        return open_backend("onnxruntime", str(artifact), threads=1)
     from tests.test_trt_backend_calls import _backend
 
     b = _backend(monkeypatch, [])

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py and benchmarks/cuda_launch.py on CPU: the no-GPU path, the run-everything
+"""benchmarks/gpu_check.py and tests/support/cuda_launch.py on CPU: the no-GPU path, the run-everything
 report logic, and the driver-API argument packing against the real ahead-of-time PTX."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ print(json.dumps(out))
 
 BOTH_PATHS = r"""
 import hashlib, importlib, json
-from benchmarks import qdp_minimal as Q, trt_standin as S
+from tests.support import qdp_minimal as Q, trt_standin as S
 from export.plugins import kernels
 kernels._active_target = lambda: (90, 32)
 PROFILES = {"kv_attention": {"batch": (1, 4, 8), "seq": (1, 64, 512), "kv_len": (1, 64, 512), "max_seq": (512,) * 3},
@@ -112,7 +112,7 @@ def test_unknown_section_is_refused(capsys):
 
 
 def test_arguments_are_packed_in_tensorrt_order_as_the_ptx_declares(aot_ptx):
-    from benchmarks.cuda_launch import pack_args, ptx_params
+    from tests.support.cuda_launch import pack_args, ptx_params
 
     attention = aot_ptx["attention"]["ptx"]
     assert ptx_params(attention) == [".u64"] * 6 + [".u32"] * 4 + [".u64"] * 3

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of every plugin kernel to PTX for sm_80 and sm_90, without a GPU.
+"""Ahead-of-time compilation of every plugin kernel to PTX for sm_80, sm_90, sm_100 and sm_120, without a GPU.
 
 This is what TensorRT's @trtp.aot_impl embeds in an engine. It runs in a subprocess because the
 interpreter tests make this process an interpreter process (tests/trt_helpers.interpreted_kernels).
@@ -27,14 +27,14 @@ def assembles(ptx, arch):  # the PTX handed to TensorRT, checked by NVIDIA's ass
     p = subprocess.run([str(PTXAS), f"-arch={arch}", str(src), "-o", str(tmp / "k.cubin")], capture_output=True)
     return p.returncode == 0
 rows = []
-for cc in (80, 90):
+for cc in (80, 90, 100, 120):
     for dtype in (torch.float16, torch.float32):
         for kind, head_dims in (("attention", (64, 128)), ("gelu", (None,))):
             for hd in head_dims:
                 tactics = K.attention_tactics(dtype, hd) if kind == "attention" else K.GELU_TACTICS
                 for tactic in tactics:
-                    if kind != "gelu" and tactic > 1 and cc == 90:
-                        continue  # every tile on sm_80, the default tile on sm_90: keeps the test short
+                    if (kind != "gelu" and tactic > 1 and cc >= 90) or (cc >= 100 and (tactic > 1 or hd == 128)):
+                        continue  # sm_80: every tile; sm_90: the default tiles; Blackwell: one each. Keeps it short
                     c = K.compile_kernel(kind, dtype, head_dim=hd or 64, tactic=tactic, target=(cc, 32))
                     ptx = c.asm["ptx"]
                     trt_ptx = K.ptx_for_tensorrt(ptx, kind)
@@ -64,9 +64,9 @@ def compiled():
 EXPECTED_PARAMS = {"attention": 6 + 4 + 3 + 2, "gelu": 2 + 1 + 1 + 2}
 
 
-def test_ptx_for_sm80_and_sm90(compiled):
+def test_ptx_for_sm80_sm90_and_blackwell(compiled):
     targets = {(r["cc"], r["target"]) for r in compiled}
-    assert targets == {(80, "sm_80"), (90, "sm_90a")}
+    assert targets == {(80, "sm_80"), (90, "sm_90a"), (100, "sm_100a"), (120, "sm_120a")}
     for r in compiled:
         assert r["entry"], r
         assert r["n_params"] == EXPECTED_PARAMS[r["kind"]], r
@@ -80,7 +80,8 @@ def test_ptx_declares_the_pinned_isa_the_manifest_records(compiled):
     for r in compiled:
         recorded = plugin_manifest(r["cc"])["ptx"]
         assert r["header"] == r["trt_header"] == {"version": recorded["version"], "target": recorded["target"]}, r
-    assert {r["header"]["version"] for r in compiled} == {"7.0", "8.0"}
+    assert {(r["cc"], r["header"]["version"]) for r in compiled} == {(80, "7.0"), (90, "8.0"), (100, "8.6"),
+                                                                     (120, "8.7")}
 
 
 def test_tensorrt_ptx_has_exactly_the_aot_arguments(compiled):
@@ -89,6 +90,7 @@ def test_tensorrt_ptx_has_exactly_the_aot_arguments(compiled):
         assert r["trt_params"] == EXPECTED_PARAMS[r["kind"]] - 2, r
         assert r["trt_assembles"] in (True, None), r
     assert sum(r["trt_assembles"] is True for r in compiled) >= 10
+    assert {r["cc"] for r in compiled if r["trt_assembles"]} == {80, 90, 100, 120}  # every pinned target, by ptxas
 
 
 def test_kernels_fit_a_plain_launch(compiled):
@@ -113,3 +115,24 @@ def test_an_interpreter_process_refuses_to_compile_with_the_reason():
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         interpreted_kernels().compile_kernel("gelu", torch.float32, target=(90, 32))
+
+
+PORTABLE = r"""
+import json, sys, torch
+from export.plugins import kernels as K
+K._active_target = lambda: (90, 32)  # this process's GPU: an H100
+out = {}
+with K.aot_target(K.PORTABLE_CAPABILITY):  # what export.trt --hardware-compatibility ampere-plus wraps the build in
+    out["inside"] = K.ptx_header(K.compile_kernel("gelu", torch.float32).asm["ptx"])
+out["after"] = K.ptx_header(K.compile_kernel("gelu", torch.float32).asm["ptx"])
+json.dump(out, sys.stdout)
+"""
+
+
+def test_hardware_compatible_builds_get_portable_ptx():
+    """Within kernels.aot_target(80), the kernels register.py's aot_impl compiles (target=None) are plain sm_80 at
+    PTX ISA 7.0, which the driver JIT-compiles on every GPU from sm_80 up; outside it, the GPU's own "a" target."""
+    out = run_compiled(["-c", PORTABLE])
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got == {"inside": {"version": "7.0", "target": "sm_80"}, "after": {"version": "8.0", "target": "sm_90a"}}

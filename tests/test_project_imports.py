@@ -1,4 +1,6 @@
-"""Dependencies run one way: model -> export -> runtime -> benchmarks (tests may import anything).
+"""Dependencies run one way: model -> export -> runtime -> tests.support -> benchmarks (tests may import anything).
+tests/support holds the test doubles and GPU-check helpers benchmarks/gpu_check.py imports on a bare python3: it is
+a layer of its own, and imports nothing else from tests/.
 
 1. Statically, every import in every module, at module level or inside a function, names a package of
    its own layer or a lower one; a function-level import is an optional heavy dependency or says why
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("model", "export", "runtime", "benchmarks")
+LAYERS = ("model", "export", "runtime", "tests.support", "benchmarks")
 # Optional or heavy third-party packages a function may import where it needs them (extras, GPU-only).
 OPTIONAL = {"onnxruntime", "onnxruntime_genai", "tensorrt", "triton", "transformers", "ctranslate2", "cuda",
             "huggingface_hub", "fastapi", "starlette", "pydantic", "prometheus_client", "uvicorn", "httpx",
@@ -31,7 +33,7 @@ SECTIONED = {"benchmarks/gpu_check.py": "runs on the GPU machine's bare python3:
 def modules() -> list[tuple[str, Path]]:
     found = []
     for package in LAYERS:
-        for path in sorted((ROOT / package).rglob("*.py")):
+        for path in sorted((ROOT / package.replace(".", "/")).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
             found.append((".".join(parts[:-1] if parts[-1] == "__init__" else parts), path))
     return found
@@ -49,8 +51,10 @@ def imported_names(node: ast.Import | ast.ImportFrom, module: str, path: Path) -
 
 
 def layer(name: str) -> int | None:
-    top = name.split(".")[0]
-    return LAYERS.index(top) if top in LAYERS else None
+    for i, package in enumerate(LAYERS):
+        if name == package or name.startswith(package + "."):
+            return i
+    return None
 
 
 def function_level(tree: ast.Module) -> set[ast.AST]:
@@ -87,6 +91,8 @@ def import_problems(root: Path = ROOT) -> list[str]:
                 where = f"{rel}:{node.lineno} imports {name}"
                 if (target := layer(name)) is not None and target > own:
                     problems.append(f"{where}: upward ({LAYERS[own]} < {LAYERS[target]})")
+                if name.split(".")[0] == "tests" and target is None:
+                    problems.append(f"{where}: test code outside tests/support (gpu_check runs on a bare python3)")
                 if node in nested and name.split(".")[0] not in OPTIONAL and rel not in SECTIONED:
                     if not has_reason(lines, node):
                         problems.append(f"{where} inside a function with no reason comment: move it to the top")
@@ -117,15 +123,17 @@ IMPORT_IN_LAYER_ORDER = """
 import importlib, json, sys
 layers, names = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 upward, skipped = [], []
+def layer(m):
+    return next((i for i, p in enumerate(layers) if m == p or m.startswith(p + ".")), None)
 for name in names:
-    own = layers.index(name.split(".")[0])
+    own = layer(name)
     try:
         importlib.import_module(name)
     except ImportError as e:  # an optional dependency this machine lacks (tensorrt, cuda, ...)
-        if e.name and e.name.split(".")[0] in layers:
+        if e.name and layer(e.name) is not None:
             raise
         skipped.append(f"{name} ({e.name})")
-    higher = sorted(m for m in sys.modules if m.split(".")[0] in layers[own + 1:])
+    higher = sorted(m for m in sys.modules if layer(m) is not None and layer(m) > own)
     if higher:
         upward.append(f"importing {name} loaded {', '.join(higher)}")
         break

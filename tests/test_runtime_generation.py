@@ -385,3 +385,12 @@ def test_generate_with_penalties_and_bias_equals_a_plain_reference_loop(demo):
             new.append(int(logits.argmax()))
             seq.append(new[-1])
         assert tokens == new and tokens != untouched
+
+
+def test_speculative_decoding_refuses_what_its_verification_would_skip(demo):
+    from runtime.speculate import parse_speculate
+
+    for kw in (dict(logit_bias=((1, 2.0),)), dict(presence_penalty=0.5), dict(frequency_penalty=0.5)):
+        with pytest.raises(GenerationError, match="speculative decoding does not take"):
+            generate(demo, encode(demo, "ROMEO:"), SamplingParams(max_new_tokens=5, greedy=True, **kw),
+                     drafter=parse_speculate("ngram"))

@@ -156,8 +156,8 @@ def _profiles_with(phase: int, name: str, shapes: list[tuple[int, ...]]):
 
 
 def test_profiles_through_the_standin_builder():
-    from benchmarks.trt_standin import Builder
     from export.trt import add_profiles, profile_shapes
+    from tests.support.trt_standin import Builder
 
     builder = Builder()
     config = builder.create_builder_config()
@@ -175,8 +175,8 @@ def test_profiles_through_the_standin_builder():
                                    r"\(min <= opt <= max fails for: input_ids\)$"),
 ])
 def test_profile_errors_name_profile_and_input(phase, shapes, message):
-    from benchmarks.trt_standin import Builder
     from export.trt import add_profiles
+    from tests.support.trt_standin import Builder
 
     builder = Builder()
     profiles = _profiles_with(phase, "input_ids", shapes)
@@ -186,8 +186,8 @@ def test_profile_errors_name_profile_and_input(phase, shapes, message):
 
 
 def test_an_unreadable_timing_cache_is_an_error(tmp_path):
-    from benchmarks.trt_standin import IBuilderConfig
     from export.trt import use_timing_cache
+    from tests.support.trt_standin import IBuilderConfig
 
     path = tmp_path / "trt.cache"
     cache = use_timing_cache(IBuilderConfig(), path)  # no file: a new cache (size 0, NvInfer.h createTimingCache)

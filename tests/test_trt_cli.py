@@ -119,21 +119,41 @@ def test_plugins_need_the_fused_export(src, tmp_path):
         main(["--model", str(tmp_path / "nowhere"), "--graph-only"])
 
 
-@pytest.mark.parametrize("quantize, block", [("int8", 32), ("int4", 64)])
+@pytest.mark.parametrize("quantize, block", [("int8", 32), ("int4", 32), ("int4", 64)])
 def test_quantized_artifact_is_refused_before_tensorrt(src, tmp_path, quantize, block):
     """Review F1: TensorRT cannot build these graphs (int8 block scales, the int8 Gather; int4 only
-    block 64/128, and its embedding is the int8 Gather too). Both paths stop on the artifact's spec,
-    before the plugin graph pass and before looking for TensorRT."""
-    art = tmp_path / quantize
-    export_artifact(src, art, max_seq_len=48, quantize=quantize, quant_block=block, verify=False, log=quiet)
-    for args in (["--graph-only"], [], ["--no-plugins"]):
+    block 64/128, and its embedding is the int8 Gather too). Every path stops at the TensorRT-parser lint
+    (export/trt_lint.py) with one line naming the first rule broken and the others, before looking for TensorRT."""
+    art = tmp_path / f"{quantize}-{block}"
+    export_artifact(src, art, max_seq_len=48, quantize=quantize, quant_block=block, graph="fused", verify=False,
+                    log=quiet)
+    for args in (["--graph-only"], [], ["--no-plugins"], ["--check-only"]):
         proc = run_cli("--model", str(art), *args)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-        assert f"{quantize}-quantized (block {block}) and TensorRT cannot build it" in lines[0], lines[0]
-        assert ("no INT8 block scales" in lines[0]) == (quantize == "int8") and "Gather" in lines[0], lines[0]
+        assert "TensorRT's ONNX parser would reject it: rule op-types (docs/operators.md:76" in lines[0], lines[0]
+        assert "Gather takes FP32, FP16, BF16, INT32, INT64, BOOL" in lines[0], lines[0]
+        assert ("int4-block-size" in lines[0]) == (block == 32 and quantize == "int4"), lines[0]
+        assert ("dequantize-block-type" in lines[0]), lines[0]  # the INT8 embedding table's block scales
     assert not (art / PLUGIN_GRAPH_FILE).exists() and not list(art.glob("trt_*"))
+
+
+def test_ort_graph_is_refused_before_tensorrt(src, tmp_path):
+    """The ort graph (ONNX Runtime's com.microsoft operators; the default for quantized exports) on every path."""
+    art = tmp_path / "fp32-ort"
+    export_artifact(src, art, max_seq_len=48, graph="ort", verify=False, log=quiet)
+    for args in (["--graph-only"], [], ["--no-plugins"], ["--check-only"]):
+        proc = run_cli("--model", str(art), *args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert "rule op-types" in lines[0], lines[0]
+    assert not (art / PLUGIN_GRAPH_FILE).exists() and not list(art.glob("trt_*"))
+    from export import trt_lint
+
+    details = [f.detail for f in trt_lint.lint_model(onnx.load(str(art / "model.onnx")))]
+    assert any("GroupQueryAttention is an operator of domain com.microsoft" in d for d in details), details
 
 
 def test_profiles():

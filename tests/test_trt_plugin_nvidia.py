@@ -1,7 +1,7 @@
 """export/plugins/register.py run by NVIDIA's own tensorrt.plugin package (the QDP framework).
 
 NVIDIA's package comes from the real `tensorrt-cu13-bindings` wheel (the test extra installs it);
-only its compiled core, which needs libnvinfer, is stood in for (benchmarks/trt_standin.py says which
+only its compiled core, which needs libnvinfer, is stood in for (tests/support/trt_standin.py says which
 parts). So registration is validated by NVIDIA's _validate.py, the plugin objects are NVIDIA's
 _plugin_class.py, the autotune combinations come from NVIDIA's _autotune.py, and the launch grid and
 scalars are NVIDIA's symbolic shape expressions (_tensor.py), evaluated here for concrete shapes the

@@ -88,3 +88,25 @@ def test_engine_from_another_tensorrt_is_refused(artifacts):
     manifest.write_text(json.dumps(info))
     with pytest.raises(ModelError, match="TensorRT 0.0.0"):
         TensorRTBackend(artifacts["float32"], variant="plugins")
+
+
+@requires_tensorrt
+def test_ampere_plus_engine_matches_pytorch(artifacts, model):
+    """--hardware-compatibility ampere-plus: the plugin PTX targets plain sm_80 (kernels.aot_target), TensorRT
+    records kAMPERE_PLUS in the engine (ICudaEngine.hardware_compatibility_level, pyCore.cpp:1576 @ release/10.14),
+    and the engine still meets the fp16 bound on this GPU."""
+    import tensorrt as trt
+
+    from export.parity import verify_decode
+    from export.trt import build_engine
+    from runtime.trt_backend import TensorRTBackend
+
+    manifest = build_engine(artifacts["float16"], ("attention", "gelu"), max_batch=2, max_seq_len=64,
+                            hardware_compatibility="ampere-plus", log=quiet)
+    info = json.loads(manifest.read_text())
+    assert info["hardware_compatibility"] == "ampere_plus", info
+    assert info["plugin_kernels"]["ptx"] == {"version": "7.0", "target": "sm_80", "min_driver": "450.51 (CUDA 11.0)"}
+    backend = TensorRTBackend(artifacts["float16"], variant="plugins")
+    assert backend.engine.hardware_compatibility_level == trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    result = verify_decode(model, backend, n_vocab=90, steps=DECODE_STEPS)
+    assert result["nan"] == 0 and result["max_abs_diff"] <= FP16_MAX_ABS_DIFF, result

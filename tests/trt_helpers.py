@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def has_tensorrt() -> bool:
     try:
         return importlib.util.find_spec("tensorrt") is not None
-    except ValueError:  # sys.modules holds benchmarks/trt_standin.py's stand-in, which has no spec
+    except ValueError:  # sys.modules holds tests/support/trt_standin.py's stand-in, which has no spec
         return False
 
 
@@ -82,3 +82,40 @@ def run_compiled(args: list[str], timeout: int = 900) -> subprocess.CompletedPro
     """Run `python *args` from the repository root in a process that compiles Triton kernels."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=compiled_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def write_fake_plugin_engine(artifact_dir: Path, gpu: dict[str, str], hardware_compatibility: str = "none",
+                             tensorrt: str = "10.14.1") -> list[Path]:
+    """A plugin-engine manifest + a plan file that is not a plan, in an exported artifact, for the backend's checks
+    before deserialization. Returns the two files (delete them after)."""
+    from model.artifact import EngineManifest, engine_files, write_engine_manifest
+    from model.files import sha256_file
+
+    plan_name, manifest_name = engine_files("plugins")
+    (artifact_dir / plan_name).write_bytes(b"not a plan")
+    write_engine_manifest(artifact_dir / manifest_name, EngineManifest(
+        tensorrt=tensorrt, gpu=gpu, hardware_compatibility=hardware_compatibility, variant="plugins",
+        plugins=("attention", "gelu"), kv_cache="static",
+        plugin_ids=("gptdeploy::kv_attention", "gptdeploy::bias_gelu"), plugin_kernels={},
+        onnx={"file": "model.plugins.onnx", "sha256": "0"},
+        source_onnx={"file": "model.onnx", "sha256": "0"},
+        plan={"file": plan_name, "sha256": sha256_file(artifact_dir / plan_name)}, dtype="float32", logits="last",
+        max_batch=1, max_seq_len=64, tf32=False, profiles=(), build_seconds=0.0))
+    return [artifact_dir / plan_name, artifact_dir / manifest_name]
+
+
+def fake_tensorrt(seen: dict, version: str = "10.14.1"):
+    """Just what TensorRTBackend touches up to deserialization: Logger, and a Runtime whose deserialize_cuda_engine
+    records the plan in `seen` and returns None (which the backend refuses in one line)."""
+    import types
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, plan: bytes):
+            seen["plan"] = plan
+            return None
+
+    logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    return types.SimpleNamespace(__version__=version, Logger=logger, Runtime=Runtime)

@@ -15,8 +15,10 @@ bottom-right causal, skipping padded keys but always keeping a query's own key.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -345,16 +347,20 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16"}
 KERNEL_ARGS = {"attention": 6 + 4 + 3, "gelu": 2 + 1 + 1}  # pointers and int32 scalars, TensorRT's AOT order
 
 # The PTX ISA version pinned per compute capability: the first ISA that knows the target (LLVM's
-# llvm/lib/Target/NVPTX/NVPTX.td: sm_80 PTX70, sm_86 PTX71, sm_89 PTX78, sm_90a PTX80), and every
-# kernel, dtype and tile assembles with it (tests/test_kernels_aot.py checks each with NVIDIA's ptxas).
+# llvm/lib/Target/NVPTX/NVPTX.td: sm_80 PTX70, sm_86 PTX71, sm_89 PTX78, sm_90a PTX80, sm_100a PTX86,
+# sm_120a PTX87; Triton 3.9's LLVM refuses one below: "PTX version 8.6 does not support target 'sm_120a'.
+# Minimum required PTX version is 8.7"), and every kernel, dtype and tile assembles with it
+# (tests/test_kernels_aot.py checks each with NVIDIA's ptxas bundled with Triton, ptxas-blackwell where present).
+# Blackwell: sm_100 (B200/GB200) and sm_120 (RTX PRO 6000 / RTX 50xx), which TensorRT 11 supports; like sm_90a,
+# the "a" targets run only on that exact compute capability, and an unlisted one (sm_103, sm_121, ...) is refused.
 # The driver JIT-compiles this PTX inside TensorRT and rejects an ISA newer than itself; left alone,
 # Triton emits the newest its bundled ptxas knows (Triton 3.9: 8.8 for sm_80, 9.4 for sm_90a, which
 # needs a CUDA 13.4 driver). Minimum driver per ISA: PTX ISA 7.0 / 7.1 / 7.8 / 8.0 shipped with
 # CUDA 11.0 / 11.1 / 11.8 / 12.0 (the PTX ISA release history), whose Linux drivers are listed below
-# (CUDA toolkit release notes, minimum driver table).
-PTX_VERSIONS = {80: 70, 86: 71, 89: 78, 90: 80}
+# (CUDA toolkit release notes, minimum driver table); 8.6 and 8.7 first shipped in a public toolkit with CUDA 12.8.
+PTX_VERSIONS = {80: 70, 86: 71, 89: 78, 90: 80, 100: 86, 120: 87}
 PTX_MIN_DRIVER = {70: "450.51 (CUDA 11.0)", 71: "455.23 (CUDA 11.1)", 78: "520.61 (CUDA 11.8)",
-                  80: "525.60 (CUDA 12.0)"}
+                  80: "525.60 (CUDA 12.0)", 86: "570.26 (CUDA 12.8)", 87: "570.26 (CUDA 12.8)"}
 
 
 def ptx_target(capability: int) -> dict[str, str]:
@@ -368,11 +374,31 @@ def ptx_target(capability: int) -> dict[str, str]:
             "min_driver": PTX_MIN_DRIVER[version]}
 
 
+# Hardware-compatible engines (export.trt --hardware-compatibility ampere-plus) run on every GPU from sm_80 up, so
+# their plugin PTX targets plain sm_80 at PTX ISA 7.0: not an "a" target, which runs only on its own compute
+# capability, and JIT-compiled by the driver for whatever newer GPU loads the engine (forward-compatible PTX).
+PORTABLE_CAPABILITY = 80
+_aot_capability: int | None = None  # set by aot_target() around a build; None = the GPU in this process
+
+
+@contextlib.contextmanager
+def aot_target(capability: int | None) -> Iterator[None]:
+    """Within it, compile_kernel(target=None) (what register.py's aot_impl calls while TensorRT builds) compiles
+    for `capability` instead of this process's GPU. None leaves the GPU's own target."""
+    global _aot_capability
+    ptx_target(capability or PORTABLE_CAPABILITY)  # refuses an unpinned one before the build starts
+    before, _aot_capability = _aot_capability, capability
+    try:
+        yield
+    finally:
+        _aot_capability = before
+
+
 def compile_kernel(kind: str, dtype: torch.dtype, *, head_dim: int = 64, tactic: int = 1,
                    approximate: str = "tanh", target: tuple[int, int] | None = None):
     """triton.compile one kernel for one dtype at the pinned PTX ISA. kind: "attention" | "gelu".
 
-    target (compute capability, warp size), e.g. (90, 32); None = the GPU in this process.
+    target (compute capability, warp size), e.g. (90, 32); None = aot_target()'s, else the GPU in this process.
     Returns Triton's CompiledKernel: .asm["ptx"], .metadata.name, .metadata.num_warps, .metadata.shared.
     """
     t = TRITON_TYPES[dtype]
@@ -435,7 +461,7 @@ def _compile(fn, signature: dict[str, str], constexprs: dict, num_warps: int, ta
         raise RuntimeError("the Triton kernels were imported under TRITON_INTERPRET=1: they cannot be compiled; "
                            "unset TRITON_INTERPRET (tests/trt_helpers.interpreted_kernels loads a separate copy)")
     if target is None:
-        target = _active_target()
+        target = _active_target() if _aot_capability is None else (_aot_capability, 32)
     wanted = ptx_target(target[0])
     options = {"num_warps": num_warps, "ptx_version": PTX_VERSIONS[target[0]]}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)

@@ -4,7 +4,7 @@ Only the surface export/plugins/register.py uses: the four decorators (which jus
 functions), TensorDesc, ShapeExpr(s), SymInt32, SymIntExprs, KernelLaunchParams, AutoTuneCombination,
 cdiv. `build` calls the recorded functions the way NVIDIA's plugin classes do (register ->
 autotune -> aot_impl per advertised tactic, string attributes with onnx-tensorrt's trailing NUL) and
-returns the same Kernel records as benchmarks/trt_standin.build_plugin. This is ours, so on its own
+returns the same Kernel records as tests/support/trt_standin.build_plugin. This is ours, so on its own
 it proves nothing about TensorRT: tests/test_gpu_check.py checks that it returns exactly what NVIDIA's
 package returns (names, PTX, grids, blocks, shared memory, scalars) for the same nodes and shapes.
 """
@@ -16,7 +16,7 @@ import sys
 import types
 from typing import Any
 
-from benchmarks import trt_standin as S
+from tests.support import trt_standin as S
 
 _BUILDER = S.IExprBuilder()
 REGISTRY: dict[str, dict[str, Any]] = {}
@@ -126,7 +126,7 @@ def _recorder(kind: str):
 
 def _module() -> types.ModuleType:
     trtp = types.ModuleType("tensorrt.plugin")
-    trtp.__doc__ = "minimal stand-in for tensorrt.plugin (benchmarks/qdp_minimal.py); not NVIDIA's package"
+    trtp.__doc__ = "minimal stand-in for tensorrt.plugin (tests/support/qdp_minimal.py); not NVIDIA's package"
     for kind in ("register", "autotune", "aot_impl", "impl"):
         setattr(trtp, kind, _recorder(kind))
     for obj in (ShapeExpr, ShapeExprs, SymInt32, SymExprs, SymIntExprs, KernelLaunchParams, Shape, TensorDesc,

@@ -346,10 +346,18 @@ class ITimingCache:
         return TIMING_CACHE_MAGIC + self.entries
 
 
+class HardwareCompatibilityLevel(enum.IntEnum):  # pyCore.cpp:1722-1727 @ release/10.14 (NvInfer.h kNONE..)
+    NONE = 0
+    AMPERE_PLUS = 1
+    SAME_COMPUTE_CAPABILITY = 2
+
+
 class IBuilderConfig:
     def __init__(self) -> None:
         self.profiles: list[IOptimizationProfile] = []
         self.timing_cache: ITimingCache | None = None
+        # pyCore.cpp:1867-1868: a plain property over get/setHardwareCompatibilityLevel (kNONE by default, NvInfer.h)
+        self.hardware_compatibility_level = HardwareCompatibilityLevel.NONE
 
     def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
         """NvInfer.h: the profile's index, "or -1 if the input is not valid" (profile->isValid() == false)."""
@@ -389,7 +397,7 @@ class Builder:
 
 def _core_module() -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
-    trt.__doc__ = "stand-in for the compiled TensorRT core (benchmarks/trt_standin.py); not TensorRT"
+    trt.__doc__ = "stand-in for the compiled TensorRT core (tests/support/trt_standin.py); not TensorRT"
     trt.__version__ = "stand-in"
     trt.STANDIN = True
     # importlib.util.find_spec (torch._dynamo calls it for "tensorrt") raises on a module without a spec
@@ -399,7 +407,7 @@ def _core_module() -> types.ModuleType:
                 PluginFieldCollection, PluginTensorDesc, DynamicPluginTensorDesc, IDimensionExpr, IExprBuilder,
                 ISymExpr, IPluginV3, IPluginV3QuickCore, IPluginV3QuickBuild, IPluginV3QuickAOTBuild,
                 IPluginV3QuickRuntime, IPluginCreatorV3Quick, ITensor, Logger, IOptimizationProfile, ITimingCache,
-                IBuilderConfig, Builder):
+                HardwareCompatibilityLevel, IBuilderConfig, Builder):
         setattr(trt, obj.__name__, obj)
     registry = _Registry()
     trt.get_plugin_registry = lambda: registry

@@ -1,0 +1,144 @@
+"""The TensorRT-parser lint (export/trt_lint.py): it catches defect 1 on the graph the old exporter wrote, passes
+every variant we export today, refuses today's int8/int4 graphs naming the rule, and each rule fires on the slip
+it is there for. No TensorRT needed."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from export.onnx_graph import build_gpt_graph
+from export.plugins.graph_pass import to_plugin_graph
+from export.trt import main
+from export.trt_lint import RULES, lint_model, refusal
+from model.artifact import ExportSpec
+from model.config import GPTConfig
+from model.gpt import GPT
+
+PLUGIN_CHOICES = [("attention", "gelu"), ("attention",), ("gelu",)]
+
+
+def _graph(dtype: str = "float32", opset: int = 23, quantize: str | None = None, block: int | None = None,
+           all_logits: bool = False, **config) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", **config)).eval()
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    spec = ExportSpec.for_model(model.config, dtype=dtype, opset=opset, quantize=quantize, quant_block=block,
+                                all_logits=all_logits)
+    return build_gpt_graph(model.config, state, spec)
+
+
+def _rules(model: onnx.ModelProto) -> set[str]:
+    return {f.rule.name for f in lint_model(model)}
+
+
+def test_catches_defect_1_on_the_old_exporters_fp16_graph():
+    """The fp16 fused graph as export/onnx_graph.py wrote it before issue 17: softmax_precision=FLOAT on every
+    Attention node. onnx-tensorrt's Attention op checker refuses exactly that."""
+    old = _graph("float16")
+    for n in old.graph.node:
+        if n.op_type == "Attention":  # the old exporter's line: {"softmax_precision": TensorProto.FLOAT} for fp16
+            n.attribute.append(helper.make_attribute("softmax_precision", TensorProto.FLOAT))
+    findings = lint_model(old)
+    n_attention = sum(n.op_type == "Attention" for n in old.graph.node)
+    assert [f.rule.name for f in findings] == ["attention-softmax-precision"] * n_attention
+    line = refusal("model.onnx", findings)
+    assert "rule attention-softmax-precision (onnxOpCheckers.cpp:182 @ onnx-tensorrt c727277" in line, line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("opset, config", [(23, {}), (18, {}), (18, {"gelu": "erf", "bias": False}),
+                                           (23, {"gelu": "erf", "bias": False}), (23, {"all_logits": True})])
+def test_every_float_variant_we_export_passes(dtype, opset, config):
+    """fp32/fp16 x fused/decomposed (tanh and erf GELU, with and without biases, logits last and all), and each
+    plugin graph export.trt can parse from the fused one."""
+    g = _graph(dtype, opset, **config)
+    assert lint_model(g) == []
+    if opset >= 23:
+        for plugins in PLUGIN_CHOICES:
+            assert lint_model(to_plugin_graph(g, plugins)) == [], plugins
+
+
+@pytest.mark.parametrize("quantize, block, rules", [
+    ("int8", 32, {"op-types", "dequantize-block-type", "dequantize-weights-only"}),
+    ("int4", 32, {"op-types", "dequantize-block-type", "dequantize-weights-only", "int4-block-size"}),
+    ("int4", 64, {"op-types", "dequantize-block-type", "dequantize-weights-only"}),
+])
+def test_todays_quantized_graphs_are_refused_naming_the_rule(quantize, block, rules):
+    """The INT8 embedding table feeds a Gather (operators.md:76), its DequantizeLinear has INT8 block scales
+    on an activation; int8 Linears have INT8 block scales; int4 at block 32 is not 64/128."""
+    findings = lint_model(_graph(opset=23, quantize=quantize, block=block))
+    assert {f.rule.name for f in findings} == rules
+    first = findings[0]
+    assert first.rule.name == "op-types" and first.line().startswith("rule op-types (docs/operators.md:76 @")
+
+
+def _first(model: onnx.ModelProto, op_type: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.op_type == op_type)
+
+
+def test_each_rule_fires_on_its_slip():
+    g = _graph()
+    g.opset_import[0].version = 25
+    assert _rules(g) == {"opset-range"}
+
+    g = _graph()
+    _first(g, "Attention").attribute.append(helper.make_attribute("softcap", 30.0))
+    assert _rules(g) == {"attention-softcap"}
+
+    g = _graph()
+    _first(g, "Attention").output.append("qk")
+    assert _rules(g) == {"attention-io"}
+
+    g = _graph()
+    _first(g, "LayerNormalization").output.extend(["mean", "inv_std"])
+    assert _rules(g) == {"layernorm-one-output"}
+
+    g = _graph()
+    cast = _first(g, "Cast")
+    cast.attribute[0].i = TensorProto.DOUBLE
+    assert _rules(g) == {"op-types"}  # Cast takes no DOUBLE (operators.md:41); its consumers are unknown then
+
+    g = _graph()
+    _first(g, "Gelu").op_type = "FastGelu"  # an op the lint has no operators.md row for
+    assert [f.detail for f in lint_model(g)] == ["FastGelu is not in this lint's table: add its docs/operators.md row"]
+
+    g = _graph(opset=23, quantize="int4", block=64)
+    dq = next(n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("c_fc.weight.q"))
+    dq.input.append(dq.input[1])
+    assert "dequantize-zero-point" in _rules(g)
+
+
+def test_plugin_rules_fire_on_their_slips():
+    pg = to_plugin_graph(_graph())
+    node = next(n for n in pg.graph.node if n.op_type == "kv_attention")
+    next(a for a in node.attribute if a.name == "aot").i = 0
+    assert _rules(pg) == {"plugin-node"}
+
+    pg = to_plugin_graph(_graph())
+    node = next(n for n in pg.graph.node if n.op_type == "bias_gelu")
+    next(a for a in node.attribute if a.name == "plugin_namespace").s = b"sample"
+    assert _rules(pg) == {"plugin-node"}
+
+    pg = to_plugin_graph(_graph())
+    cache = next(v for v in pg.graph.input if v.name == "cache.0.key")
+    cache.type.tensor_type.shape.dim[3].dim_param = "head_dim"  # head_dim a runtime dimension
+    assert _rules(pg) == {"plugin-static-dims"}
+
+
+def test_every_rule_cites_a_file_and_line_or_says_why_not():
+    for rule in RULES.values():
+        assert "@" in rule.source or "no source file" in rule.source, rule
+        assert rule.says, rule
+
+
+def test_check_only_cli(demo_onnx, capsys):
+    """python -m export.trt --check-only on an exported artifact: both graphs it could parse pass."""
+    for args in ([], ["--no-plugins"], ["--plugins", "gelu"]):
+        assert main(["--model", str(demo_onnx), "--check-only", *args]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("ok: ") and "passes the TensorRT-parser lint" in out, out
+    assert not (demo_onnx / "model.plugins.onnx").exists()  # --check-only writes nothing
