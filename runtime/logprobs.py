@@ -7,7 +7,7 @@ chosen one (so up to k + 1 entries, as OpenAI's API documents).
 
 Prompt tokens (echo) need the logits of every prompt position, not only the last: the backends'
 `prefill_rows(..., all_logits=True)` gives them where the backend can (`backend.all_logits`: the torch
-backend always, an onnxruntime artifact exported with `--all-logits`); the first prompt token has no
+backend always, an onnxruntime artifact exported with `--all-logits` or as the ort graph); the first prompt token has no
 log-probability (None), as in OpenAI's API.
 """
 

@@ -121,19 +121,20 @@ class OnnxRuntimeBackend:
 
     @property
     def all_logits(self) -> bool:
-        """prefill_rows can return every position's logits: artifacts exported with --all-logits."""
-        return self.spec.logits == "all"
+        """prefill_rows can return every position's logits: artifacts exported with --all-logits, and the ort
+        graph (it takes logits_to_keep)."""
+        return self.spec.logits == "all" or self.spec.takes_logits_to_keep
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor, all_logits: bool = False) -> tuple[torch.Tensor, RowCache]:
         c, (n, T) = self.config, check_prefill_rows(self, input_ids, attention_mask, position_ids)
         if all_logits and not self.all_logits:
-            raise BackendUsageError("all_logits needs an artifact exported with --all-logits")
+            raise BackendUsageError("all_logits needs an artifact exported with --all-logits or --graph ort")
         shape = (n, c.n_head, T, c.head_dim)
         layers = [(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(c.n_layer)]
         past = layers if self.inplace else [(self._no_past, self._no_past)] * c.n_layer
-        logits = torch.empty(n, T if self.spec.logits == "all" else 1, c.vocab_size,
+        logits = torch.empty(n, T if self.spec.logits == "all" or all_logits else 1, c.vocab_size,
                              dtype=torch.float32, device=self.device)
         binding = self.session.io_binding()
         self._run(binding, input_ids, attention_mask, position_ids, past, 0, layers, logits)

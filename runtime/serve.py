@@ -407,7 +407,7 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
         if score_prompt and not getattr(backend, "all_logits", False):
             raise ApiError(400, f"echo with logprobs needs every prompt position's logits, which the {backend.name} "
                            "backend does not give; serve with --backend torch or an onnxruntime artifact "
-                           "exported with --all-logits", "echo")
+                           "exported with --all-logits or --graph ort", "echo")
         if score_prompt and longest > scheduler.limit:
             raise ApiError(400, f"echo with logprobs scores the whole prompt, and it ({longest} tokens) is longer "
                            f"than {scheduler.limit_name}", "prompt", "context_length_exceeded")

@@ -235,14 +235,17 @@ def test_trim_keeps_the_logits_of_the_shortest_and_longest_rows(backend, monkeyp
             assert (logits[i] - alone[0].float().cpu()).abs().max().item() <= ROW_ATOL, (lengths, i)
 
 
-@pytest.fixture(scope="module", params=["torch", "onnxruntime --all-logits"])
+@pytest.fixture(scope="module", params=["torch", "onnxruntime --all-logits", "onnxruntime --graph ort"])
 def scoring_backend(request, tmp_path_factory):
-    """The demo model on torch, and exported with --all-logits (fp32) on onnxruntime: both score prompts."""
+    """The demo model on torch, exported with --all-logits (fp32) on onnxruntime, and as the ort graph (it takes
+    logits_to_keep): all score prompts."""
     from export.onnx import export_artifact
     from runtime.open_backend import open_backend
 
     if request.param == "torch":
         return open_backend("torch", "demo")
+    if request.param.endswith("ort"):
+        return open_backend("onnxruntime", str(request.getfixturevalue("demo_ort")), threads=1)
     out = tmp_path_factory.mktemp("demo_all") / "demo"
     export_artifact("demo", out, all_logits=True, verify=False, log=lambda s: None)
     return open_backend("onnxruntime", str(out), threads=1)
