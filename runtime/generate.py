@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "them in one step; the output is unchanged (docs/runtime.md)")
     spec.add_argument("--draft-model", metavar="SRC_OR_DIR",
                       help="speculative decoding with a smaller model of the same tokenizer, on the same --backend, "
-                           "proposing --draft-tokens per step")
+                           "proposing --draft-tokens per step (default: none)")
     p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
                    help=f"tokens the draft model proposes per step, 1..{MAX_DRAFT_TOKENS} (default: %(default)s)")
     add_backend_flags(p)
