@@ -77,7 +77,7 @@ class OnnxRuntimeBackend:
         self._static: list[torch.Tensor] = []  # in-place layout: per layer key, value [rows, H, positions, D]
         self._no_past = torch.zeros(1, dtype=self.kv_dtype, device=self.device)  # a real address for past 0
         self._logits = torch.empty(0, 1, self.config.vocab_size, dtype=torch.float32, device=self.device)
-        self._keep = {n: torch.tensor([n], dtype=torch.int64) for n in range(1, 17)}  # logits_to_keep values
+        self._keep = {n: torch.tensor([n], dtype=torch.int64) for n in range(1, 18)}  # logits_to_keep values
 
     def describe(self) -> dict:
         # intra-op threads 0 = onnxruntime's default: one thread per physical core
