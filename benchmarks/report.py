@@ -15,13 +15,16 @@ from benchmarks.roofline import (
 )
 
 LABELS = {"torch": "torch (reference)", "transformers": "transformers generate", "ort-fused": "onnxruntime fused",
-          "ort-decomposed": "onnxruntime decomposed", "ort-int8": "onnxruntime int8", "ort-int4": "onnxruntime int4",
+          "ort-decomposed": "onnxruntime decomposed", "ort-ortgraph": "onnxruntime ort graph",
+          "ort-int8": "onnxruntime int8 (ort graph)", "ort-int4": "onnxruntime int4 (ort graph)",
+          "ort-int4-fused": "onnxruntime int4, fused graph",
           "bare-fp32": "bare ORT loop fp32 (reference)", "bare-int4": "bare ORT loop int4 (reference)",
           "ct2-fp32": "CTranslate2 fp32", "ct2-int8": "CTranslate2 int8", "genai-fp32": "onnxruntime-genai fp32",
           "genai-int4": "onnxruntime-genai int4", "tensorrt": "tensorrt"}
 # the artifact kind (run.py) whose weights a row reads; rows not listed read the fp32 weights, except
 # CTranslate2 int8, whose byte count is its own (no bandwidth share shown)
-ROW_WEIGHTS = {"ort-int8": "int8", "ort-int4": "int4", "bare-int4": "int4", "genai-int4": "int4", "ct2-int8": None}
+ROW_WEIGHTS = {"ort-int8": "int8", "ort-int4": "int4", "ort-int4-fused": "int4-fused", "bare-int4": "int4",
+               "genai-int4": "int4-fused", "ct2-int8": None}
 QUANT_TARGETS = (  # (key, description, required, "min" | "max")
     ("int4_b1", "int4 batch-1 decode tokens/s", 250.0, "min"),
     ("int4_b1_vs_ct2_int8", "int4 batch 1, x CTranslate2 int8 batch 1", 1.3, "min"),

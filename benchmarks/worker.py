@@ -34,15 +34,19 @@ from runtime.open_backend import open_backend
 from runtime.trt_backend import TensorRTBackend
 
 RUNTIME_BACKENDS = {"torch": "torch", "ort-fused": "onnxruntime", "ort-decomposed": "onnxruntime",
-                    "ort-int8": "onnxruntime", "ort-int4": "onnxruntime", "tensorrt": "tensorrt"}
+                    "ort-ortgraph": "onnxruntime", "ort-int8": "onnxruntime", "ort-int4": "onnxruntime",
+                    "ort-int4-fused": "onnxruntime", "tensorrt": "tensorrt"}
 WARMUP_NEW_TOKENS = 16  # a decode warm-up only needs to touch every kernel and buffer once, not to be long
 MIN_TIMED_RUNS = 2  # a workload stops repeating at its time budget, but never below this (a spread needs two)
-ALL_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "ort-int8", "ort-int4", "bare-fp32",
-                "bare-int4", "ct2-fp32", "ct2-int8", "genai-fp32", "genai-int4", "tensorrt")
-# which artifact each row runs: the fp32 fused graph, the decomposed one, or a quantized fused graph
-ARTIFACT_OF = {"ort-fused": "fused", "ort-decomposed": "decomposed", "ort-int8": "int8", "ort-int4": "int4",
-               "bare-fp32": "fused", "bare-int4": "int4", "genai-fp32": "fused", "genai-int4": "int4",
-               "tensorrt": "fused"}
+ALL_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "ort-ortgraph", "ort-int8", "ort-int4",
+                "ort-int4-fused", "bare-fp32", "bare-int4", "ct2-fp32", "ct2-int8", "genai-fp32", "genai-int4",
+                "tensorrt")
+# which artifact each row runs (benchmarks/run.prepare_artifact): the fp32 fused graph, the decomposed one, the fp32
+# ort graph, the quantized exports as shipped (the ort graph) or the int4 fused graph (the quantized graph before
+# the ort graph, and the one onnxruntime-genai reads: it does not feed the ort graph's logits_to_keep)
+ARTIFACT_OF = {"ort-fused": "fused", "ort-decomposed": "decomposed", "ort-ortgraph": "ortgraph", "ort-int8": "int8",
+               "ort-int4": "int4", "ort-int4-fused": "int4-fused", "bare-fp32": "fused", "bare-int4": "int4",
+               "genai-fp32": "fused", "genai-int4": "int4-fused", "tensorrt": "fused"}
 
 
 class Unavailable(Exception):

@@ -42,8 +42,10 @@ GRAPH_VARIANTS = (
     ("fused, opset 23, float16", {"dtype": "float16"}),
     ("decomposed, opset 18, float32", {"opset": 18}),
     ("decomposed, opset 18, float16", {"opset": 18, "dtype": "float16"}),
-    ("int8 block 32, opset 23", {"quantize": "int8"}),
-    ("int4 block 32, opset 23", {"quantize": "int4"}),
+    ("ort, opset 23, float32", {"graph": "ort"}),
+    ("int8 block 32, ort graph (the quantized default)", {"quantize": "int8"}),
+    ("int4 block 32, ort graph (the quantized default)", {"quantize": "int4"}),
+    ("int4 block 32, fused graph", {"quantize": "int4", "graph": "fused"}),
 )
 NODE_COUNT_MODELS = ("tiny", "demo", "gpt2")  # gpt2 takes about a minute (124M random weights, quantized twice)
 
@@ -54,7 +56,7 @@ USAGE_BLOCKS = {
     "usage-trt": ("tensorrt.md", ("export.trt", "benchmarks.gpu_check", "benchmarks.kernel_timing")),
     "usage-runtime": ("runtime.md", ("runtime.generate", "runtime.demo")),
     "usage-serve": ("serving.md", ("runtime.serve", "benchmarks.serve")),
-    "usage-bench": ("benchmarks.md", ("benchmarks.run", "benchmarks.profile_ort")),
+    "usage-bench": ("benchmarks.md", ("benchmarks.run", "benchmarks.profile_ort", "benchmarks.speculate")),
 }
 
 

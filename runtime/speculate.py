@@ -35,7 +35,7 @@ import torch
 from runtime.backend import Backend
 
 DEFAULT_DRAFT_TOKENS = 4
-MAX_DRAFT_TOKENS = 16  # the onnxruntime backend keeps logits_to_keep tensors up to 16 + 1 ready
+MAX_DRAFT_TOKENS = 16  # a verify step of 1 + K positions stays a small step
 
 
 class Drafter(Protocol):

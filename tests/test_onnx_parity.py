@@ -1,4 +1,4 @@
-"""Exported ONNX graphs (fused + decomposed, fp32 + fp16) run by ONNX Runtime vs the PyTorch reference
+"""Exported ONNX graphs (fused + decomposed + ort, fp32 + fp16) run by ONNX Runtime vs the PyTorch reference
 and vs Hugging Face transformers: logits bounds, greedy tokens, left padding, past length 0."""
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ VARIANTS = {  # name -> (config, export kwargs)
                               dict(opset=20)),
     "fused-fp16": (GPTConfig.preset("tiny"), dict(opset=23, dtype="float16")),
     "decomposed-fp16": (GPTConfig.preset("tiny"), dict(opset=18, dtype="float16")),
+    "ort": (GPTConfig.preset("tiny"), dict(graph="ort")),
+    "ort-erf-nobias": (GPTConfig.preset("tiny", gelu="erf", bias=False, vocab_size=96, n_head=2), dict(graph="ort")),
+    "ort-fp16": (GPTConfig.preset("tiny"), dict(graph="ort", dtype="float16")),
 }
 
 
@@ -84,7 +87,8 @@ def n_vocab(model: GPT) -> int:
     return min(model.config.vocab_size, len(CHARS))
 
 
-@pytest.mark.parametrize("name", ["fused", "decomposed", "fused-opset24", "fused-erf-nobias", "decomposed-erf-nobias"])
+@pytest.mark.parametrize("name", ["fused", "decomposed", "fused-opset24", "fused-erf-nobias", "decomposed-erf-nobias",
+                                  "ort", "ort-erf-nobias"])
 def test_fp32_parity_report(artifacts, name):
     model, art = artifacts[name]
     r = parity_report(model, art, cases=REPORT_CASES, seed=1, n_vocab=n_vocab(model))
@@ -95,7 +99,7 @@ def test_fp32_parity_report(artifacts, name):
     assert r["top1_agreement"] >= MIN_TOP1_AGREEMENT["float32"]
 
 
-@pytest.mark.parametrize("name", ["fused-fp16", "decomposed-fp16"])
+@pytest.mark.parametrize("name", ["fused-fp16", "decomposed-fp16", "ort-fp16"])
 def test_fp16_parity_report(artifacts, name):
     model, art = artifacts[name]
     r = parity_report(model, art, cases=REPORT_CASES, seed=2, n_vocab=n_vocab(model))
@@ -105,7 +109,7 @@ def test_fp16_parity_report(artifacts, name):
     assert r["top1_agreement"] >= MIN_TOP1_AGREEMENT["float16"]
 
 
-@pytest.mark.parametrize("name", ["fused", "decomposed", "fused-erf-nobias"])
+@pytest.mark.parametrize("name", ["fused", "decomposed", "fused-erf-nobias", "ort", "ort-erf-nobias"])
 def test_backend_decode_matches_reference(artifacts, name):
     """Left-padded batch, prefill + 64 decode steps through IO binding: every step within bound, same argmax."""
     model, art = artifacts[name]
@@ -115,7 +119,7 @@ def test_backend_decode_matches_reference(artifacts, name):
     assert r["greedy_identical"]
 
 
-@pytest.mark.parametrize("name", ["fused", "decomposed"])
+@pytest.mark.parametrize("name", ["fused", "decomposed", "ort"])
 def test_free_running_greedy_identical(artifacts, name):
     """The backend decodes on its own tokens for 64 steps and yields the reference's exact sequence."""
     model, art = artifacts[name]
@@ -138,7 +142,7 @@ def test_free_running_greedy_identical(artifacts, name):
     assert len(set(ref.flatten().tolist())) > 3  # a non-degenerate sequence
 
 
-@pytest.mark.parametrize("name", ["fused", "decomposed", "fused-fp16"])
+@pytest.mark.parametrize("name", ["fused", "decomposed", "fused-fp16", "ort", "ort-fp16"])
 def test_batch1_seq1_past0(artifacts, name):
     """The graph was never traced: still check the smallest shapes (batch 1, one token, empty past)."""
     model, art = artifacts[name]
@@ -156,7 +160,7 @@ def test_batch1_seq1_past0(artifacts, name):
     assert (k.float() - present[0][0]).abs().max().item() <= bound
 
 
-@pytest.mark.parametrize("name", ["fused", "decomposed"])
+@pytest.mark.parametrize("name", ["fused", "decomposed", "ort"])
 def test_left_padding_does_not_change_real_rows(artifacts, name):
     """ORT alone (no reference): a left-padded row gives the logits of the same tokens unpadded."""
     model, art = artifacts[name]
@@ -192,14 +196,14 @@ def test_all_logits_artifact(tmp_path):
     assert np.abs(logits - ref.numpy()).max() <= FP32_MAX_ABS_DIFF
 
 
-@pytest.mark.parametrize("opset", [23, 18])
-def test_matches_transformers_gpt2(tmp_path, opset):
+@pytest.mark.parametrize("opset, graph", [(23, None), (18, None), (23, "ort")])
+def test_matches_transformers_gpt2(tmp_path, opset, graph):
     """Export straight from a Hugging Face folder; ORT decode vs GPT2LMHeadModel on the full sequence."""
     from transformers import GPT2LMHeadModel
 
     folder = save_random_hf_gpt2(tmp_path / "hf", seed=5, initializer_range=0.2, n_layer=2, n_head=4, n_embd=64,
                                  n_positions=64, vocab_size=300, activation_function="gelu_new")
-    export_artifact(folder, tmp_path / "art", opset=opset, verify=False, log=lambda s: None)
+    export_artifact(folder, tmp_path / "art", opset=opset, graph=graph, verify=False, log=lambda s: None)
     hf = GPT2LMHeadModel.from_pretrained(folder).eval()
     backend = OnnxRuntimeBackend(tmp_path / "art")
     ids, mask, pos = left_padded_batch(np.random.default_rng(6), 2, 7, 300, [0, 3])
