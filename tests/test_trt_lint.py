@@ -26,7 +26,7 @@ def _graph(dtype: str = "float32", opset: int = 23, quantize: str | None = None,
     model = GPT(GPTConfig.preset("tiny", **config)).eval()
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     spec = ExportSpec.for_model(model.config, dtype=dtype, opset=opset, quantize=quantize, quant_block=block,
-                                all_logits=all_logits)
+                                all_logits=all_logits, graph="fused" if opset >= 23 else None)  # not the ort graph
     return build_gpt_graph(model.config, state, spec)
 
 
