@@ -68,7 +68,8 @@ RULES = _rules(
          "Block dequantization is supported for input types DataType::kFP4, DataType::kFP8 and DataType::kINT4."),
     Rule("dequantize-weights-only", f"include/NvInfer.h:5612-5613 @ {TRT} (:5548-5549 @ release/11.0)",
          "Per-channel dequantization is supported only for input that is rooted at an IConstantLayer (i.e. "
-         "weights). Activations cannot be quantized per-channel."),
+         "weights). Activations cannot be quantized per-channel. (:5604-5610: per-tensor, a single scale, is "
+         "allowed on activations; :5622: block dequantization is per-channel's kind, weights only)"),
     Rule("int4-block-size", "TensorRT developer guide, Quantization Schemes (a web page, no source file)",
          "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}."),
     Rule("plugin-node", "samples/python/quickly_deployable_plugins/README.md:165-166 and :243 @ " + TRT,
@@ -84,7 +85,8 @@ I = ("INT32", "INT64")
 OP_TYPES: dict[str, tuple[int, tuple[str, ...], tuple[int, ...]]] = {
     "Add": (22, F + I, (0, 1)), "And": (24, ("BOOL",), (0, 1)),
     "Attention": (31, F + ("INT8", "FP8"), (0, 1, 2)), "Cast": (41, F + I + ("UINT8", "BOOL"), (0,)),
-    "Concat": (49, F + I + ("BOOL",), ()), "DequantizeLinear": (62, ("INT8", "FP8", "FP4", "INT4"), (0,)),
+    "Concat": (49, F + I + ("BOOL",), ()), "Constant": (51, F + ("FP8", "FP4", "INT4") + I + ("BOOL",), ()),
+    "DequantizeLinear": (62, ("INT8", "FP8", "FP4", "INT4"), (0,)),
     "Equal": (69, F + I, (0, 1)), "Erf": (70, F, (0,)), "Gather": (76, F + I + ("BOOL",), (0,)),
     "Gelu": (79, F + ("INT8",) + I, (0,)), "Gemm": (80, F, (0, 1)), "LayerNormalization": (101, F, (0,)),
     "LessOrEqual": (104, F + I, (0, 1)), "MatMul": (112, F, (0, 1)), "Mul": (124, F + I, (0, 1)),
@@ -115,6 +117,10 @@ def _types(graph: onnx.GraphProto) -> dict[str, str]:
             out = TYPE_NAMES.get(attrs["to"], "?")
         elif n.op_type == "Shape":
             out = "INT64"
+        elif n.op_type == "Constant":
+            a = n.attribute[0]
+            out = TYPE_NAMES.get(a.t.data_type, "?") if a.name == "value" else \
+                "FP32" if a.name.startswith("value_float") else "INT64" if a.name.startswith("value_int") else "?"
         elif n.op_type in ("Equal", "LessOrEqual", "And", "Or"):
             out = "BOOL"
         elif n.op_type == "DequantizeLinear":
@@ -139,7 +145,7 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
     if not OPSETS[0] <= opset <= OPSETS[1]:
         add("opset-range", "model", f"opset {opset} is outside {OPSETS[0]}..{OPSETS[1]}")
     types = _types(g)
-    initializers = {t.name for t in g.initializer}
+    constants = _constant_dims(g)
     for n in g.node:
         name, attrs = n.name or n.op_type, _attrs(n)
         if n.domain == NAMESPACE:
@@ -158,6 +164,9 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
             if t is not None and t != "?" and t not in allowed:
                 add("op-types", name, f"input {i} is {t}; {n.op_type} takes {', '.join(allowed)}",
                     f"docs/operators.md:{row} @ {OTRT}")
+        if n.op_type == "Constant" and types[n.output[0]] not in allowed:
+            add("op-types", name, f"a {types[n.output[0]]} constant; Constant takes {', '.join(allowed)}",
+                f"docs/operators.md:{row} @ {OTRT}")
         if n.op_type == "Cast" and TYPE_NAMES.get(attrs["to"], "?") not in allowed:
             add("op-types", name, f"casts to {TYPE_NAMES.get(attrs['to'], attrs['to'])}; Cast takes "
                                   f"{', '.join(allowed)}", f"docs/operators.md:{row} @ {OTRT}")
@@ -172,11 +181,29 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
         if n.op_type == "LayerNormalization" and len([o for o in n.output if o]) > 1:
             add("layernorm-one-output", name, f"{len(n.output)} outputs")
         if n.op_type == "DequantizeLinear":
-            _lint_dequantize(n, attrs, types, initializers, add)
+            _lint_dequantize(n, attrs, types, constants, add)
     return findings
 
 
-def _lint_dequantize(n: onnx.NodeProto, attrs: dict, types: dict[str, str], initializers: set[str], add) -> None:
+def _constant_dims(g: onnx.GraphProto) -> dict[str, list[int]]:
+    """Dims of every tensor TensorRT makes an IConstantLayer of: initializers and Constant nodes' outputs."""
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            a = n.attribute[0]
+            if a.name == "value":
+                dims[n.output[0]] = list(a.t.dims)
+            elif a.name == "sparse_value":
+                dims[n.output[0]] = list(a.sparse_tensor.dims)
+            elif a.name in ("value_floats", "value_ints", "value_strings"):
+                dims[n.output[0]] = [len(helper.get_attribute_value(a))]
+            else:  # value_float, value_int, value_string: a scalar
+                dims[n.output[0]] = []
+    return dims
+
+
+def _lint_dequantize(n: onnx.NodeProto, attrs: dict, types: dict[str, str], constants: dict[str, list[int]],
+                     add) -> None:
     name, t, block = n.name or n.op_type, types.get(n.input[0], "?"), attrs.get("block_size", 0)
     if len(n.input) > 2 and n.input[2]:
         add("dequantize-zero-point", name, "has an x_zero_point input")
@@ -184,8 +211,10 @@ def _lint_dequantize(n: onnx.NodeProto, attrs: dict, types: dict[str, str], init
         add("dequantize-block-type", name, f"{t} with block_size {block}")
     if block and t == "INT4" and block not in INT4_BLOCKS:
         add("int4-block-size", name, f"INT4 block_size {block}, not {' or '.join(map(str, INT4_BLOCKS))}")
-    if n.input[0] not in initializers:
-        add("dequantize-weights-only", name, f"dequantizes {n.input[0]}, an activation, not an initializer")
+    scale = constants.get(n.input[1])
+    if n.input[0] not in constants and (block or scale != []):  # a scalar scale is per-tensor: fine on activations
+        kind = f"block_size {block}" if block else "per-channel" if scale is not None else "a scale of unknown shape"
+        add("dequantize-weights-only", name, f"dequantizes {n.input[0]}, an activation, not a weight ({kind})")
 
 
 def _lint_plugin(n: onnx.NodeProto, attrs: dict, g: onnx.GraphProto, add) -> None:

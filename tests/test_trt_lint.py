@@ -142,3 +142,48 @@ def test_check_only_cli(demo_onnx, capsys):
         out = capsys.readouterr().out
         assert out.startswith("ok: ") and "passes the TensorRT-parser lint" in out, out
     assert not (demo_onnx / "model.plugins.onnx").exists()  # --check-only writes nothing
+
+
+def _dq_model(x: onnx.TensorProto | None, scale: onnx.TensorProto, as_constants: bool = False,
+              **dq_attrs) -> onnx.ModelProto:
+    """One DequantizeLinear feeding a MatMul: x is a weight (an initializer, or a Constant node) or, when None,
+    an INT8 graph input (an activation)."""
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 64])]
+    nodes, inits = [], []
+    if x is None:
+        inputs.append(helper.make_tensor_value_info("x", TensorProto.INT8, [64, 64]))
+    for t in ([x] if x is not None else []) + [scale]:
+        if as_constants:
+            nodes.append(helper.make_node("Constant", [], [t.name], value=t))
+        else:
+            inits.append(t)
+    nodes += [helper.make_node("DequantizeLinear", ["x", "scale"], ["w"], **dq_attrs),
+              helper.make_node("MatMul", ["a", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "dq", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+def _t(name: str, dtype: int, dims: list[int]) -> onnx.TensorProto:
+    n = 1
+    for d in dims:
+        n *= d
+    return helper.make_tensor(name, dtype, dims, [1] * n)
+
+
+def test_dequantize_weights_only_fires_where_tensorrt_refuses():
+    """NvInfer.h:5604-5613 @ release/10.14: per-tensor dequantization (one scale) of an activation is fine;
+    per-channel and block dequantization need input rooted at an IConstantLayer, which a Constant node is."""
+    scalar, per_channel = _t("scale", TensorProto.FLOAT, []), _t("scale", TensorProto.FLOAT, [64])
+    assert _rules(_dq_model(None, scalar)) == set()  # per-tensor, activation
+    assert _rules(_dq_model(None, per_channel, axis=1)) == {"dequantize-weights-only"}
+    blocks = _t("scale", TensorProto.FLOAT, [64, 1])
+    assert _rules(_dq_model(None, blocks, axis=1, block_size=64)) == {"dequantize-weights-only",
+                                                                      "dequantize-block-type"}
+    w4, s4 = _t("x", TensorProto.INT4, [64, 64]), _t("scale", TensorProto.FLOAT, [1, 64])
+    assert _rules(_dq_model(w4, s4, axis=0, block_size=64)) == set()  # an initializer weight
+    assert _rules(_dq_model(w4, s4, as_constants=True, axis=0, block_size=64)) == set()  # a Constant-node weight
+    w8 = _t("x", TensorProto.INT8, [64, 64])
+    m = _dq_model(w8, per_channel, as_constants=True, axis=1)
+    assert _rules(m) == {"op-types"}  # Constant takes no INT8 (operators.md:51)
+    assert "docs/operators.md:51 @" in lint_model(m)[0].line()
