@@ -27,6 +27,8 @@ OTRT = "onnx-tensorrt c727277"  # onnx/onnx-tensorrt c72727708d4e, pinned by NVI
 TRT = "NVIDIA/TensorRT release/10.14"
 OPSETS = (9, 24)  # operators.md:5
 INT4_BLOCKS = (64, 128)
+INT4_PAGE = ("https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/"
+             "quantized-types-schemes.html @ TensorRT developer guide")
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ RULES = _rules(
          "Per-channel dequantization is supported only for input that is rooted at an IConstantLayer (i.e. "
          "weights). Activations cannot be quantized per-channel. (:5604-5610: per-tensor, a single scale, is "
          "allowed on activations; :5622: block dequantization is per-channel's kind, weights only)"),
-    Rule("int4-block-size", "TensorRT developer guide, Quantization Schemes (a web page, no source file)",
-         "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}."),
+    Rule("int4-block-size", INT4_PAGE,
+         "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}. The block "
+         "dimension should be one of the last two dimensions."),
     Rule("plugin-node", "samples/python/quickly_deployable_plugins/README.md:165-166 and :243 @ " + TRT,
          "The `op` property of the node is exactly the same as your plugin name. The node contains a string "
          "attribute called \"plugin_namespace\" ... adding a bool attribute called \"aot\" ... setting it to True."),
@@ -209,8 +212,14 @@ def _lint_dequantize(n: onnx.NodeProto, attrs: dict, types: dict[str, str], cons
         add("dequantize-zero-point", name, "has an x_zero_point input")
     if block and t not in ("INT4", "FP8", "FP4"):
         add("dequantize-block-type", name, f"{t} with block_size {block}")
+    if t == "INT4" and not block:
+        add("int4-block-size", name, "INT4 without block_size (per-tensor or per-channel scales)")
     if block and t == "INT4" and block not in INT4_BLOCKS:
         add("int4-block-size", name, f"INT4 block_size {block}, not {' or '.join(map(str, INT4_BLOCKS))}")
+    # the block axis: one of the last two dims (an activation's rank is unknown here: only a negative axis is checked)
+    rank, axis = len(constants[n.input[0]]) if n.input[0] in constants else None, attrs.get("axis", 1)
+    if block and t == "INT4" and (axis < -2 if rank is None or axis < 0 else axis < rank - 2):
+        add("int4-block-size", name, f"block axis {axis} of a rank-{rank or '?'} input is not one of the last two")
     scale = constants.get(n.input[1])
     if n.input[0] not in constants and (block or scale != []):  # a scalar scale is per-tensor: fine on activations
         kind = f"block_size {block}" if block else "per-channel" if scale is not None else "a scale of unknown shape"
