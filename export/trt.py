@@ -41,6 +41,7 @@ from model.artifact import (
     EngineManifest,
     engine_files,
     gpu_identity,
+    platform_identity,
     read_artifact,
     require_tensorrt_and_gpu,
     write_engine_manifest,
@@ -249,6 +250,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     manifest = EngineManifest(
         tensorrt=trt.__version__,
         gpu=gpu_identity(),
+        platform=platform_identity(),
         hardware_compatibility=HARDWARE_COMPATIBILITY[hardware_compatibility],
         variant=variant,
         plugins=tuple(plugins),

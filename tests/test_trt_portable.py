@@ -95,3 +95,35 @@ def test_the_builder_config_gets_the_level():
 def test_a_bad_level_is_a_one_line_error(demo_onnx):
     with pytest.raises(ModelError, match="invalid choice: 'turing' \\(choose from 'none', 'ampere-plus'\\)"):
         main(["--model", str(demo_onnx), "--hardware-compatibility", "turing"])
+
+
+def test_an_engine_from_another_platform_is_refused(demo_onnx, monkeypatch):
+    """TensorRT's support matrix (Engine Portability): "Serialized engines are not portable across platforms".
+    Hardware compatibility does not cover it: the platform check comes first, in one line."""
+    import json
+    import platform
+
+    here = {"system": platform.system(), "machine": platform.machine()}
+    assert tb.platform_identity() == here
+    windows = {"system": "Windows", "machine": "AMD64"}
+    for level in ("none", "ampere_plus"):
+        files = write_fake_plugin_engine(demo_onnx, H100, level, platform=windows)
+        monkeypatch.setattr(tb, "require_tensorrt_and_gpu", lambda: fake_tensorrt({}))
+        monkeypatch.setattr(tb, "gpu_identity", lambda: H100)
+        try:
+            with pytest.raises(ModelError) as refused:
+                tb.TensorRTBackend(demo_onnx, variant="plugins")
+            line = str(refused.value)
+            assert "\n" not in line and f"engine built on Windows AMD64, this host is {here['system']} " \
+                f"{here['machine']}" in line and "rebuild here with python -m export.trt" in line, line
+            assert read_engine_manifest(files[1]).platform == windows
+            old = json.loads(files[1].read_text())
+            del old["platform"]  # a manifest from before the field: refused, asking for a rebuild
+            files[1].write_text(json.dumps(old))
+            with pytest.raises(ModelError, match=r"missing fields \['platform'\]\); rebuild with python -m export.trt"):
+                tb.TensorRTBackend(demo_onnx, variant="plugins")
+        finally:
+            for f in files:
+                f.unlink()
+    plan, _ = _open(demo_onnx, monkeypatch, H100, H100, "none")  # the default: built here, so it loads
+    assert plan == b"not a plan"
