@@ -81,3 +81,44 @@ def test_docs_state_that_tensorrt_ignores_stash_type_with_the_citation():
     assert "The compute precision defaults to DataType::kFLOAT32" in trt and "undocumented on 11.x" in trt
     contract = " ".join((docs / "onnx-contract.md").read_text().split())
     assert "stash_type=1 (fp32 mean and variance; ONNX Runtime honors it, TensorRT's parser does not" in contract
+
+
+def test_gpu_check_loads_the_aot_engine_with_the_plugin_code_blocked(tmp_path, monkeypatch):
+    """Second review, finding 2: gpu_check's tensorrt section loads and runs the plugin engine in a fresh process
+    where export.plugins.register and Triton cannot be imported, retrying after trt.init_libnvinfer_plugins. Here:
+    the blocker blocks both, the check skips without TensorRT, and with a stand-in tensorrt module the whole
+    import chain of the load (the backend, parity, the demo model) gets as far as the GPU check with neither
+    imported by our code; then the retry calls init_libnvinfer_plugins."""
+    import importlib.util
+
+    import pytest
+
+    from benchmarks import gpu_check
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("a real TensorRT is installed: the GPU check runs this for real")
+    probe = gpu_check.aot_load(None)
+    assert gpu_check.AOT_BLOCKED == ("export.plugins.register", "triton")
+    assert probe["blocked"] == {b: f"{b} is blocked: an AOT engine must load without it" for b in gpu_check.AOT_BLOCKED}
+    assert probe["preloaded"] == [] and probe["status"] == "skipped" and "not installed" in probe["summary"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else 0)
+    assert gpu_check.section_tensorrt({})["status"] == "skipped"
+    monkeypatch.undo()
+
+    fake = tmp_path / "fake"
+    (fake / "tensorrt").mkdir(parents=True)
+    (fake / "tensorrt" / "__init__.py").write_text(
+        "__version__ = '10.14.1'\n"
+        "class Logger:\n    WARNING = 2\n    def __init__(self, level=2):\n        pass\n"
+        "def init_libnvinfer_plugins(logger, namespace):\n    return namespace == ''\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    report = gpu_check.aot_load_report(tmp_path)
+    assert report["worked"] == "neither", report  # no GPU here: the backend's one-line refusal, both times
+    for run in (report["plain"], report["init_libnvinfer_plugins"]):
+        assert run["status"] == "failed" and "no NVIDIA GPU visible" in run["error"], run
+        assert run["preloaded"] == [], run
+        # torch._dynamo probes for triton on import (torch/utils/_triton.py has_triton_package) and copes; none of
+        # our modules tries either import
+        assert all(t == "triton (by torch/utils/_triton.py)" for t in run["blocked_imports_tried"]), run
+    assert "init_libnvinfer_plugins" not in report["plain"]
+    assert report["init_libnvinfer_plugins"]["init_libnvinfer_plugins"] is True
