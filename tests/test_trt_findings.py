@@ -122,3 +122,18 @@ def test_gpu_check_loads_the_aot_engine_with_the_plugin_code_blocked(tmp_path, m
         assert all(t == "triton (by torch/utils/_triton.py)" for t in run["blocked_imports_tried"]), run
     assert "init_libnvinfer_plugins" not in report["plain"]
     assert report["init_libnvinfer_plugins"]["init_libnvinfer_plugins"] is True
+
+
+def _docs() -> str:
+    from pathlib import Path
+
+    return " ".join((Path(__file__).resolve().parents[1] / "docs" / "tensorrt.md").read_text().split())
+
+
+def test_docs_say_tensorrt_promises_nothing_about_plugins_in_hardware_compatible_engines():
+    """Second review, finding 1: the NVIDIA sources that mention plugins and hardware compatibility exclude one."""
+    text = _docs()
+    assert "TensorRT promises nothing" in text and "samples/common/sampleOptions.cpp:1570-1575" in text
+    assert "Plugin InstanceNorm cannot be used with version compatible or hardware compatible engines!" in text
+    assert "python/docstrings/parsers/pyOnnxDoc.h:323" in text and "NVIDIA/TensorRT#4689" in text
+    assert "stays the gate" in text
