@@ -220,7 +220,9 @@ class AttentionTile:
 
 
 # Tiles are kept under 48 KiB of shared memory for head_dim <= 128 (what a kernel may use without
-# the launcher opting in to more, which TensorRT's AOT launch is not documented to do); fp32 tiles
+# the launcher opting in to more, which TensorRT's AOT launch is not documented to do), and under 47 KiB on
+# sm_80, the tiles of a hardware-compatible build: NvInfer.h:9935-9937 @ release/10.14 limits driver-reserved plus
+# kernel shared memory to 48 KiB there, "48KiB - reservedShmem" by default (:9860-9861); fp32 tiles
 # are smaller because exact fp32 dots (input_precision="ieee") run on FMA units, not tensor cores.
 # One tactic = one tile for both paths: TensorRT may time a plugin per optimization profile, so the
 # decode profile can pick the tile whose decode path is fastest.
