@@ -137,3 +137,15 @@ def test_docs_say_tensorrt_promises_nothing_about_plugins_in_hardware_compatible
     assert "Plugin InstanceNorm cannot be used with version compatible or hardware compatible engines!" in text
     assert "python/docstrings/parsers/pyOnnxDoc.h:323" in text and "NVIDIA/TensorRT#4689" in text
     assert "stays the gate" in text
+
+
+def test_docs_and_kernels_date_blackwell_and_the_driver_floor_right():
+    """Second review, findings 8/9: Blackwell is supported from TensorRT 10.8 (its release notes), not "TensorRT
+    11"; 570.26 for ISA 8.6/8.7 is a practical floor (8.6 needs a CUDA 12.7-capable driver)."""
+    from pathlib import Path
+
+    kernels = " ".join((Path(__file__).resolve().parents[1] / "export" / "plugins" / "kernels.py").read_text().split())
+    for text in (_docs(), kernels):
+        assert "which TensorRT 11 supports" not in text and "supported from TensorRT 10.8" in text
+        assert "practical floor" in text and "_ptx_utils.py" in text
+    assert "ISA 8.6 needs a CUDA 12.7-capable driver" in _docs()
