@@ -149,3 +149,10 @@ def test_docs_and_kernels_date_blackwell_and_the_driver_floor_right():
         assert "which TensorRT 11 supports" not in text and "supported from TensorRT 10.8" in text
         assert "practical floor" in text and "_ptx_utils.py" in text
     assert "ISA 8.6 needs a CUDA 12.7-capable driver" in _docs()
+
+
+def test_docs_say_nvidias_aliasing_sample_is_a_jit_plugin():
+    """Second review, finding 10: qdp_runner's run_inplace_add binds like the backend, but its plugin is JIT."""
+    text = _docs()
+    assert "does exactly what the backend does" not in text
+    assert "the same binding pattern, with a JIT plugin (`@trtp.impl`, `qdp_defs.py:88`" in text
