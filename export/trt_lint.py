@@ -5,9 +5,10 @@ attributes and types our exports emit, checked on the graph TensorRT would parse
 
 Every rule cites the file and line it comes from: onnx-tensorrt at c727277 (the commit NVIDIA/TensorRT's
 release/10.14 pins as parsers/onnx, TensorRT 10.14 being the oldest we support) and NVIDIA/TensorRT at a named
-branch. The per-op type table covers exactly the ops we emit: an op outside it is a finding, so a new op in the
-exporter must bring its row of onnx-tensorrt's docs/operators.md with it. What the parser decides from runtime
-shapes (Attention's 4-D inputs, DequantizeLinear's block inferred from the scale shape) is not checked here.
+branch; plugin-static-dims is our kernels' own requirement, and says so. The per-op type table covers exactly the
+ops we emit: an op outside it is a finding, so a new op in the exporter must bring its row of onnx-tensorrt's
+docs/operators.md with it. What the parser decides from runtime shapes (Attention's 4-D inputs, DequantizeLinear's
+block inferred from the scale shape) is not checked here.
 `python -m export.trt` runs it before any TensorRT work and refuses with one line naming the rule;
 `python -m export.trt --check-only` runs only it.
 """
@@ -78,8 +79,10 @@ RULES = _rules(
     Rule("plugin-node", "samples/python/quickly_deployable_plugins/README.md:165-166 and :243 @ " + TRT,
          "The `op` property of the node is exactly the same as your plugin name. The node contains a string "
          "attribute called \"plugin_namespace\" ... adding a bool attribute called \"aot\" ... setting it to True."),
-    Rule("plugin-static-dims", f"include/NvInferRuntime.h:363 @ {TRT}",
-         "desc.dims has -1 in place of any runtime dimension (our kernels need n_head and head_dim at build time)"),
+    Rule("plugin-static-dims", "OUR KERNELS' requirement, not NVIDIA's: export/plugins/register.py "
+         f"kv_attention_autotune / _static_dim (why: include/NvInferRuntime.h:363 @ {TRT})",
+         "desc.dims has -1 in place of any runtime dimension. (TensorRT accepts runtime dims; our attention "
+         "kernels pick their tiles and grid from n_head and head_dim, so they must be numbers at build time)"),
 )
 
 F = ("FP32", "FP16", "BF16")

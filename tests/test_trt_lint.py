@@ -202,3 +202,16 @@ def test_int4_needs_a_block_on_one_of_the_last_two_dims():
         scale = _t("scale", TensorProto.FLOAT, [2, 1, 64] if axis % 3 == 1 else [2, 64, 1])
         assert _rules(_dq_model(w3, scale, axis=axis, block_size=64)) == set(), axis
     assert RULES["int4-block-size"].source.startswith("https://docs.nvidia.com/")
+
+
+def test_plugin_static_dims_is_labelled_as_our_requirement():
+    """Second review, finding 11: TensorRT accepts runtime dims in plugin inputs; the rule is our kernels'."""
+    from pathlib import Path
+
+    rule = RULES["plugin-static-dims"]
+    assert rule.source.startswith("OUR KERNELS' requirement, not NVIDIA's: export/plugins/register.py"), rule
+    pg = to_plugin_graph(_graph())
+    next(v for v in pg.graph.input if v.name == "cache.0.key").type.tensor_type.shape.dim[1].dim_param = "n_head"
+    assert lint_model(pg)[0].line().startswith("rule plugin-static-dims (OUR KERNELS' requirement, not NVIDIA's")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "tensorrt.md").read_text()
+    assert "| `plugin-static-dims` | **ours, not NVIDIA's**" in docs
