@@ -127,3 +127,28 @@ def test_an_engine_from_another_platform_is_refused(demo_onnx, monkeypatch):
                 f.unlink()
     plan, _ = _open(demo_onnx, monkeypatch, H100, H100, "none")  # the default: built here, so it loads
     assert plan == b"not a plan"
+
+
+def test_the_manifest_records_the_level_the_built_engine_reports():
+    """Second review, finding 7: after the build the plan is deserialized once and the engine's own
+    hardware_compatibility_level (pyCore.cpp:1576 @ release/10.14) is what the manifest records; an engine that
+    reports another level, or does not deserialize, is refused in one line."""
+    import types
+
+    from export.trt import EngineBuildError, engine_hardware_compatibility
+
+    trt = type("trt", (), {"HardwareCompatibilityLevel": S.HardwareCompatibilityLevel})
+    L = S.HardwareCompatibilityLevel
+
+    def runtime(level):
+        engine = None if level is None else types.SimpleNamespace(hardware_compatibility_level=level)
+        return types.SimpleNamespace(deserialize_cuda_engine=lambda plan: engine if plan == b"plan" else None)
+
+    assert engine_hardware_compatibility(trt, runtime(L.AMPERE_PLUS), b"plan", "ampere-plus") == "ampere_plus"
+    assert engine_hardware_compatibility(trt, runtime(L.NONE), b"plan", "none") == "none"
+    with pytest.raises(EngineBuildError, match="ampere-plus: the built engine reports .*NONE"):
+        engine_hardware_compatibility(trt, runtime(L.NONE), b"plan", "ampere-plus")
+    with pytest.raises(EngineBuildError, match="none: the built engine reports .*SAME_COMPUTE_CAPABILITY"):
+        engine_hardware_compatibility(trt, runtime(L.SAME_COMPUTE_CAPABILITY), b"plan", "none")
+    with pytest.raises(EngineBuildError, match="cannot deserialize"):
+        engine_hardware_compatibility(trt, runtime(None), b"plan", "none")
