@@ -23,7 +23,10 @@ section so that a run cut short still leaves a report. Sections:
 5. torch_fp16_profile: GPT-2 124M batch-1 decode steps in fp32 then fp16 (wall time per step), and
    torch.profiler's top-10 ops of one fp16 step by self CUDA and self CPU time (the first run measured
    fp16 b1 at 18.5 tok/s against fp32's 295: is it the step or the loop, and which op);
-6. tensorrt: engine build + parity + tokens/s where TensorRT is importable, else skipped with why;
+6. tensorrt: engine build + parity + tokens/s where TensorRT is importable, else skipped with why; each
+   plugin engine also loaded and checked against PyTorch in a fresh process where export.plugins.register
+   and triton cannot be imported (AOT_LOAD), and on failure again after trt.init_libnvinfer_plugins,
+   reporting which worked;
 7. tensorrt_aliasing (review F3, skipped without TensorRT): plugin engines at max_seq 128 and 1024 built
    with DETAILED profiling verbosity; the engine inspector's layers on cache.*/cache_out.* (Copy/Reformat
    flagged; the JSON is written beside the report), get_aliased_input_tensor("cache_out.0.key"), one decode
@@ -399,6 +402,98 @@ def tok_for(model):
     return char_tokenizer([chr(0x100 + i) for i in range(model.config.vocab_size)])
 
 
+# Review finding 2: an AOT plugin engine, per NVIDIA's quickly_deployable_plugins README ("Loading and running a TRT
+# engine containing an AOT plugin"), "does not require any Python modules or definitions to be present at runtime".
+# AOT_LOAD runs in a fresh process that cannot import these: it deserializes the plan with the real backend and
+# checks it against PyTorch (verify_decode on the demo model), optionally after trt.init_libnvinfer_plugins.
+AOT_BLOCKED = ("export.plugins.register", "triton")
+AOT_LOAD = r"""
+import importlib, json, sys
+BLOCKED, ARTIFACT, INIT = tuple(sys.argv[1].split(",")), sys.argv[2], sys.argv[3] == "init"  # ARTIFACT "": probe
+attempts = []
+
+
+def importer() -> str:  # the file whose import statement reached the blocker (past importlib's frames)
+    f = sys._getframe(2)
+    while f.f_code.co_filename.startswith("<frozen") or "importlib" in f.f_code.co_filename:
+        f = f.f_back
+    return f.f_code.co_filename.split("site-packages/")[-1]
+
+
+class Blocker:  # first on sys.meta_path: any import of a blocked module (or below it) fails as if not installed
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            attempts.append(f"{name} (by {importer()})")  # torch probes for triton itself, and copes
+            raise ModuleNotFoundError(f"{name} is blocked: an AOT engine must load without it")
+        return None
+
+
+sys.meta_path.insert(0, Blocker())
+out = {"preloaded": sorted(m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED))}
+if not ARTIFACT:  # the CPU test: does the blocker block?
+    out["blocked"] = {}
+    for b in BLOCKED:
+        try:
+            importlib.import_module(b)
+        except ImportError as e:
+            out["blocked"][b] = str(e)
+    del attempts[:]
+try:
+    import tensorrt as trt
+except ImportError as e:
+    out.update(status="skipped", summary=f"TensorRT is not installed ({e})")
+    print(json.dumps(out))
+    sys.exit(0)
+if not ARTIFACT:
+    out.update(status="probed", summary=f"TensorRT {trt.__version__} is installed")
+    print(json.dumps(out))
+    sys.exit(0)
+try:
+    if INIT:
+        out["init_libnvinfer_plugins"] = bool(trt.init_libnvinfer_plugins(trt.Logger(trt.Logger.WARNING), ""))
+    from export.parity import verify_decode
+    from model.load import load_model
+    from runtime.trt_backend import TensorRTBackend
+
+    model, tok = load_model("demo")
+    backend = TensorRTBackend(ARTIFACT, variant="plugins")
+    parity = verify_decode(model, backend, n_vocab=tok.n_vocab, steps=16)
+    bound = 1e-4 if backend.manifest.dtype == "float32" else 5e-2  # as the in-process check
+    ok = parity["nan"] == 0 and parity["max_abs_diff"] <= bound
+    out.update(status="ok" if ok else "failed", parity=parity, **({} if ok else {"error": f"outside {bound}"}))
+except Exception as e:
+    out.update(status="failed", error=f"{type(e).__name__}: {e}"[:1000])
+out["blocked_imports_tried"] = sorted(set(attempts))
+out["tensorrt_plugin_imported"] = "tensorrt.plugin" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def aot_load(artifact: str | Path | None, init_plugins: bool = False, timeout: float = 300) -> dict:
+    """Run AOT_LOAD on artifact's plugin engine in a fresh process (artifact None: only check that the blocked
+    imports fail, and whether TensorRT imports); its JSON line, or status failed with the process's stderr."""
+    args = [sys.executable, "-c", AOT_LOAD, ",".join(AOT_BLOCKED), str(artifact or ""),
+            "init" if init_plugins else "no-init"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"status": "failed", "error": f"exit {proc.returncode}: {proc.stderr.strip()[-1000:]}"}
+
+
+def aot_load_report(artifact: str | Path) -> dict:
+    """The plugin engine loaded and run without register.py and Triton; on failure, again after
+    trt.init_libnvinfer_plugins. Says which worked."""
+    first = aot_load(artifact)
+    if first["status"] == "ok":
+        return {"worked": "plain (no register.py, no Triton)", "plain": first}
+    second = aot_load(artifact, init_plugins=True)
+    worked = "after init_libnvinfer_plugins" if second["status"] == "ok" else "neither"
+    return {"worked": worked, "plain": first, "init_libnvinfer_plugins": second}
+
+
 def section_tensorrt(ctx: dict) -> dict:
     if importlib.util.find_spec("tensorrt") is None:
         return {"status": "skipped", "summary": "TensorRT is not installed on this machine (no wheel, no network)"}
@@ -413,7 +508,7 @@ def section_tensorrt(ctx: dict) -> dict:
     from runtime.trt_backend import TensorRTBackend
 
     model, tok = load_model("demo")
-    rows, problems = [], []
+    rows, problems, aot = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("float32", "float16"):
             art = Path(tmp) / dtype
@@ -432,9 +527,17 @@ def section_tensorrt(ctx: dict) -> dict:
                 if parity["nan"] or parity["max_abs_diff"] > bound or (dtype == "float32"
                                                                        and not parity["greedy_identical"]):
                     problems.append(f"{dtype} {variant}: {parity}")
+                if plugins:
+                    del backend  # the plan (still on disk) loaded again in a process without the plugin code
+                    aot[dtype] = aot_load_report(art)
+                    if aot[dtype]["worked"] != "plain (no register.py, no Triton)":
+                        errors = [aot[dtype][k].get("error") for k in ("plain", "init_libnvinfer_plugins")]
+                        problems.append(f"{dtype} plugin engine without register.py/Triton worked "
+                                        f"{aot[dtype]['worked']}: {errors}")
     if problems:
         raise AssertionError("; ".join(problems))
-    return {"summary": f"{len(rows)} engines within bounds", "rows": rows}
+    return {"summary": f"{len(rows)} engines within bounds; the plugin engines load and run without register.py "
+                       "and Triton", "rows": rows, "aot_load_without_plugin_code": aot}
 
 
 ALIASING_CONFIG = dict(n_layer=2, vocab_size=512)  # on the gpt2 preset: GPT-2's heads and head_dim, block 1024

@@ -22,8 +22,12 @@ from typing import Any
 import torch
 
 from export.onnx import export_artifact
+from model.config import GPTConfig
 from model.errors import CliParser, ModelError, run_cli
 from model.files import write_atomic
+from model.gpt import GPT
+from model.load import save_checkpoint
+from model.tokenizer import gpt2_tokenizer
 from runtime.loop import SamplingParams, generate
 from runtime.open_backend import open_backend
 from runtime.speculate import ModelDrafter, NgramDrafter
@@ -57,11 +61,6 @@ def timed(backend: Any, prompt: list[int], new: int, drafter: Any, repeats: int)
 
 def verify_cost(cache: Path, threads: int, ks: tuple[int, ...] = (0, 2, 4, 8)) -> dict[str, float]:
     """ms of one decode step of 1 + k tokens at batch 1 after a 64-token prompt, gpt2-shaped int4 ort graph."""
-    from model.config import GPTConfig
-    from model.gpt import GPT
-    from model.load import save_checkpoint
-    from model.tokenizer import gpt2_tokenizer
-
     ckpt = cache / "gpt2-random-seed0"
     if not (ckpt / "config.json").is_file():
         torch.manual_seed(0)

@@ -41,6 +41,7 @@ from model.artifact import (
     EngineManifest,
     engine_files,
     gpu_identity,
+    platform_identity,
     read_artifact,
     require_tensorrt_and_gpu,
     write_engine_manifest,
@@ -242,6 +243,7 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
         plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError("TensorRT failed to build the engine (see the TensorRT log above)")
+    built_level = engine_hardware_compatibility(trt, trt.Runtime(logger), plan, hardware_compatibility)
     plan_name, manifest_name = engine_files(variant)
     write_atomic(artifact_dir / plan_name, bytes(plan))
     if cache is not None:
@@ -249,7 +251,8 @@ def build_engine(artifact_dir: str | os.PathLike, plugins: tuple[str, ...] = ("a
     manifest = EngineManifest(
         tensorrt=trt.__version__,
         gpu=gpu_identity(),
-        hardware_compatibility=HARDWARE_COMPATIBILITY[hardware_compatibility],
+        platform=platform_identity(),
+        hardware_compatibility=built_level,
         variant=variant,
         plugins=tuple(plugins),
         kv_cache="static" if "attention" in plugins else "past_present",
@@ -282,6 +285,20 @@ def set_hardware_compatibility(trt: Any, config: Any, level: str) -> None:
     config.hardware_compatibility_level = wanted
     if config.hardware_compatibility_level != wanted:
         raise ModelError(f"--hardware-compatibility {level}: TensorRT kept {config.hardware_compatibility_level}")
+
+
+def engine_hardware_compatibility(trt: Any, runtime: Any, plan: Any, level: str) -> str:
+    """The level the built engine itself reports (ICudaEngine.hardware_compatibility_level, pyCore.cpp:1576 @
+    release/10.14), deserialized once after the build: the manifest records it, and an engine that does not carry
+    the level asked for (or does not deserialize) is refused in one line before anything is written."""
+    engine = runtime.deserialize_cuda_engine(bytes(plan))
+    if engine is None:
+        raise EngineBuildError("TensorRT built an engine it cannot deserialize (see the TensorRT log above)")
+    got = engine.hardware_compatibility_level
+    if got != getattr(trt.HardwareCompatibilityLevel, HARDWARE_COMPATIBILITY_LEVELS[level]):
+        raise EngineBuildError(f"--hardware-compatibility {level}: the built engine reports "
+                               f"{getattr(got, 'name', got)}")
+    return HARDWARE_COMPATIBILITY[level]
 
 
 def add_profiles(builder: Any, config: Any, shapes: list[dict[str, list[tuple[int, ...]]]], input_names: set[str],

@@ -5,9 +5,10 @@ attributes and types our exports emit, checked on the graph TensorRT would parse
 
 Every rule cites the file and line it comes from: onnx-tensorrt at c727277 (the commit NVIDIA/TensorRT's
 release/10.14 pins as parsers/onnx, TensorRT 10.14 being the oldest we support) and NVIDIA/TensorRT at a named
-branch. The per-op type table covers exactly the ops we emit: an op outside it is a finding, so a new op in the
-exporter must bring its row of onnx-tensorrt's docs/operators.md with it. What the parser decides from runtime
-shapes (Attention's 4-D inputs, DequantizeLinear's block inferred from the scale shape) is not checked here.
+branch; plugin-static-dims is our kernels' own requirement, and says so. The per-op type table covers exactly the
+ops we emit: an op outside it is a finding, so a new op in the exporter must bring its row of onnx-tensorrt's
+docs/operators.md with it. What the parser decides from runtime shapes (Attention's 4-D inputs, DequantizeLinear's
+block inferred from the scale shape) is not checked here.
 `python -m export.trt` runs it before any TensorRT work and refuses with one line naming the rule;
 `python -m export.trt --check-only` runs only it.
 """
@@ -27,6 +28,8 @@ OTRT = "onnx-tensorrt c727277"  # onnx/onnx-tensorrt c72727708d4e, pinned by NVI
 TRT = "NVIDIA/TensorRT release/10.14"
 OPSETS = (9, 24)  # operators.md:5
 INT4_BLOCKS = (64, 128)
+INT4_PAGE = ("https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/"
+             "quantized-types-schemes.html @ TensorRT developer guide")
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,18 @@ RULES = _rules(
          "Block dequantization is supported for input types DataType::kFP4, DataType::kFP8 and DataType::kINT4."),
     Rule("dequantize-weights-only", f"include/NvInfer.h:5612-5613 @ {TRT} (:5548-5549 @ release/11.0)",
          "Per-channel dequantization is supported only for input that is rooted at an IConstantLayer (i.e. "
-         "weights). Activations cannot be quantized per-channel."),
-    Rule("int4-block-size", "TensorRT developer guide, Quantization Schemes (a web page, no source file)",
-         "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}."),
+         "weights). Activations cannot be quantized per-channel. (:5604-5610: per-tensor, a single scale, is "
+         "allowed on activations; :5622: block dequantization is per-channel's kind, weights only)"),
+    Rule("int4-block-size", INT4_PAGE,
+         "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}. The block "
+         "dimension should be one of the last two dimensions."),
     Rule("plugin-node", "samples/python/quickly_deployable_plugins/README.md:165-166 and :243 @ " + TRT,
          "The `op` property of the node is exactly the same as your plugin name. The node contains a string "
          "attribute called \"plugin_namespace\" ... adding a bool attribute called \"aot\" ... setting it to True."),
-    Rule("plugin-static-dims", f"include/NvInferRuntime.h:363 @ {TRT}",
-         "desc.dims has -1 in place of any runtime dimension (our kernels need n_head and head_dim at build time)"),
+    Rule("plugin-static-dims", "OUR KERNELS' requirement, not NVIDIA's: export/plugins/register.py "
+         f"kv_attention_autotune / _static_dim (why: include/NvInferRuntime.h:363 @ {TRT})",
+         "desc.dims has -1 in place of any runtime dimension. (TensorRT accepts runtime dims; our attention "
+         "kernels pick their tiles and grid from n_head and head_dim, so they must be numbers at build time)"),
 )
 
 F = ("FP32", "FP16", "BF16")
@@ -84,7 +91,8 @@ I = ("INT32", "INT64")
 OP_TYPES: dict[str, tuple[int, tuple[str, ...], tuple[int, ...]]] = {
     "Add": (22, F + I, (0, 1)), "And": (24, ("BOOL",), (0, 1)),
     "Attention": (31, F + ("INT8", "FP8"), (0, 1, 2)), "Cast": (41, F + I + ("UINT8", "BOOL"), (0,)),
-    "Concat": (49, F + I + ("BOOL",), ()), "DequantizeLinear": (62, ("INT8", "FP8", "FP4", "INT4"), (0,)),
+    "Concat": (49, F + I + ("BOOL",), ()), "Constant": (51, F + ("FP8", "FP4", "INT4") + I + ("BOOL",), ()),
+    "DequantizeLinear": (62, ("INT8", "FP8", "FP4", "INT4"), (0,)),
     "Equal": (69, F + I, (0, 1)), "Erf": (70, F, (0,)), "Gather": (76, F + I + ("BOOL",), (0,)),
     "Gelu": (79, F + ("INT8",) + I, (0,)), "Gemm": (80, F, (0, 1)), "LayerNormalization": (101, F, (0,)),
     "LessOrEqual": (104, F + I, (0, 1)), "MatMul": (112, F, (0, 1)), "Mul": (124, F + I, (0, 1)),
@@ -115,6 +123,10 @@ def _types(graph: onnx.GraphProto) -> dict[str, str]:
             out = TYPE_NAMES.get(attrs["to"], "?")
         elif n.op_type == "Shape":
             out = "INT64"
+        elif n.op_type == "Constant":
+            a = n.attribute[0]
+            out = TYPE_NAMES.get(a.t.data_type, "?") if a.name == "value" else \
+                "FP32" if a.name.startswith("value_float") else "INT64" if a.name.startswith("value_int") else "?"
         elif n.op_type in ("Equal", "LessOrEqual", "And", "Or"):
             out = "BOOL"
         elif n.op_type == "DequantizeLinear":
@@ -139,7 +151,7 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
     if not OPSETS[0] <= opset <= OPSETS[1]:
         add("opset-range", "model", f"opset {opset} is outside {OPSETS[0]}..{OPSETS[1]}")
     types = _types(g)
-    initializers = {t.name for t in g.initializer}
+    constants = _constant_dims(g)
     for n in g.node:
         name, attrs = n.name or n.op_type, _attrs(n)
         if n.domain == NAMESPACE:
@@ -158,6 +170,9 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
             if t is not None and t != "?" and t not in allowed:
                 add("op-types", name, f"input {i} is {t}; {n.op_type} takes {', '.join(allowed)}",
                     f"docs/operators.md:{row} @ {OTRT}")
+        if n.op_type == "Constant" and types[n.output[0]] not in allowed:
+            add("op-types", name, f"a {types[n.output[0]]} constant; Constant takes {', '.join(allowed)}",
+                f"docs/operators.md:{row} @ {OTRT}")
         if n.op_type == "Cast" and TYPE_NAMES.get(attrs["to"], "?") not in allowed:
             add("op-types", name, f"casts to {TYPE_NAMES.get(attrs['to'], attrs['to'])}; Cast takes "
                                   f"{', '.join(allowed)}", f"docs/operators.md:{row} @ {OTRT}")
@@ -172,20 +187,46 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
         if n.op_type == "LayerNormalization" and len([o for o in n.output if o]) > 1:
             add("layernorm-one-output", name, f"{len(n.output)} outputs")
         if n.op_type == "DequantizeLinear":
-            _lint_dequantize(n, attrs, types, initializers, add)
+            _lint_dequantize(n, attrs, types, constants, add)
     return findings
 
 
-def _lint_dequantize(n: onnx.NodeProto, attrs: dict, types: dict[str, str], initializers: set[str], add) -> None:
+def _constant_dims(g: onnx.GraphProto) -> dict[str, list[int]]:
+    """Dims of every tensor TensorRT makes an IConstantLayer of: initializers and Constant nodes' outputs."""
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            a = n.attribute[0]
+            if a.name == "value":
+                dims[n.output[0]] = list(a.t.dims)
+            elif a.name == "sparse_value":
+                dims[n.output[0]] = list(a.sparse_tensor.dims)
+            elif a.name in ("value_floats", "value_ints", "value_strings"):
+                dims[n.output[0]] = [len(helper.get_attribute_value(a))]
+            else:  # value_float, value_int, value_string: a scalar
+                dims[n.output[0]] = []
+    return dims
+
+
+def _lint_dequantize(n: onnx.NodeProto, attrs: dict, types: dict[str, str], constants: dict[str, list[int]],
+                     add) -> None:
     name, t, block = n.name or n.op_type, types.get(n.input[0], "?"), attrs.get("block_size", 0)
     if len(n.input) > 2 and n.input[2]:
         add("dequantize-zero-point", name, "has an x_zero_point input")
     if block and t not in ("INT4", "FP8", "FP4"):
         add("dequantize-block-type", name, f"{t} with block_size {block}")
+    if t == "INT4" and not block:
+        add("int4-block-size", name, "INT4 without block_size (per-tensor or per-channel scales)")
     if block and t == "INT4" and block not in INT4_BLOCKS:
         add("int4-block-size", name, f"INT4 block_size {block}, not {' or '.join(map(str, INT4_BLOCKS))}")
-    if n.input[0] not in initializers:
-        add("dequantize-weights-only", name, f"dequantizes {n.input[0]}, an activation, not an initializer")
+    # the block axis: one of the last two dims (an activation's rank is unknown here: only a negative axis is checked)
+    rank, axis = len(constants[n.input[0]]) if n.input[0] in constants else None, attrs.get("axis", 1)
+    if block and t == "INT4" and (axis < -2 if rank is None or axis < 0 else axis < rank - 2):
+        add("int4-block-size", name, f"block axis {axis} of a rank-{rank or '?'} input is not one of the last two")
+    scale = constants.get(n.input[1])
+    if n.input[0] not in constants and (block or scale != []):  # a scalar scale is per-tensor: fine on activations
+        kind = f"block_size {block}" if block else "per-channel" if scale is not None else "a scale of unknown shape"
+        add("dequantize-weights-only", name, f"dequantizes {n.input[0]}, an activation, not a weight ({kind})")
 
 
 def _lint_plugin(n: onnx.NodeProto, attrs: dict, g: onnx.GraphProto, add) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,6 +312,7 @@ class EngineManifest:
 
     tensorrt: str  # the TensorRT version that built it (an engine runs only on the same version)
     gpu: dict[str, str]  # gpu_identity() of the building GPU: {"name", "compute_capability"}
+    platform: dict[str, str]  # platform_identity() of the building host: {"system", "machine"}
     hardware_compatibility: str  # HARDWARE_COMPATIBILITY: where else the engine may run
     variant: str  # ENGINE_VARIANTS
     plugins: tuple[str, ...]  # "attention", "gelu" (empty for native)
@@ -340,6 +342,8 @@ class EngineManifest:
             raise ValueError(f"dtype {self.dtype!r} / logits {self.logits!r} unknown")
         if self.max_batch < 1 or self.max_seq_len < 2:
             raise ValueError(f"max_batch {self.max_batch} / max_seq_len {self.max_seq_len} out of range")
+        if set(self.platform) != {"system", "machine"}:
+            raise ValueError("platform must give system and machine")
         for name in ("onnx", "source_onnx", "plan"):
             if set(getattr(self, name)) != {"file", "sha256"}:
                 raise ValueError(f"{name} must give file and sha256")
@@ -369,6 +373,12 @@ def gpu_identity() -> dict[str, str]:
     """The GPU an engine is built for: an engine runs only on the GPU model it was built on."""
     major, minor = torch.cuda.get_device_capability()
     return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def platform_identity() -> dict[str, str]:
+    """The host an engine is built on. TensorRT's support matrix (Engine Portability): "Serialized engines are not
+    portable across platforms (Linux, Windows, etc.)"; the CPU architecture (x86_64, aarch64) is part of it."""
+    return {"system": platform.system(), "machine": platform.machine()}
 
 
 def require_tensorrt_and_gpu():

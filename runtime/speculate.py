@@ -162,7 +162,7 @@ def verify_greedy(logits: torch.Tensor, drafts: list[int], n_vocab: int) -> list
 def verify_sampled(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: object, n_vocab: int,
                    generator: torch.Generator | None) -> list[int]:
     """Leviathan et al.'s rule (module docstring). q [k, vocab]: the drafter's distributions, None: point masses."""
-    from runtime.loop import sampling_probs  # runtime.loop imports this module
+    from runtime.loop import sampling_probs  # the loop imports this module
 
     p = sampling_probs(logits, params, n_vocab)  # [k + 1, n_vocab]
     out = []

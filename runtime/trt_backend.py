@@ -13,15 +13,15 @@ optimization profile (0 = prefill, 1 = decode), so no profile switch happens bet
   written straight into the other buffer, which becomes the next step's past (no copies). A zero-length
   past (prefill) still gets a real, non-null address.
 
-The manifest written with the plan must name this process's TensorRT version and GPU (for an engine built with
---hardware-compatibility ampere-plus: any GPU from sm 8.0 up), else the engine is refused with a one-line error
-before deserialization (check_engine_gpu). Plugin engines are AOT: loading one imports neither Triton nor the
-plugin definitions (export/plugins/register.py). Every call whose failure the Python bindings report by a
-return value is checked, every engine I/O tensor must have an address before execute_async_v3, and
-the input copies wait for the caller's stream. Written against the documented API and
-python/src/infer/pyCore.cpp; tests/test_trt_backend_calls.py checks the calls against a stand-in
-engine (not TensorRT); it has not run with TensorRT here (nor have the row operations for continuous
-batching, which use only torch copies on the buffers above).
+The manifest written with the plan must name this process's TensorRT version, OS and CPU architecture
+(check_engine_platform) and GPU (for an engine built with --hardware-compatibility ampere-plus: any GPU from sm 8.0
+up), else the engine is refused with a one-line error before deserialization (check_engine_gpu). Plugin engines are
+AOT: loading one imports neither Triton nor the plugin definitions (export/plugins/register.py). Every call whose
+failure the Python bindings report by a return value is checked, every engine I/O tensor must have an address before
+execute_async_v3, and the input copies wait for the caller's stream. Written against the documented API and
+python/src/infer/pyCore.cpp; tests/test_trt_backend_calls.py checks the calls against a stand-in engine (not
+TensorRT); it has not run with TensorRT here (nor have the row operations for continuous batching, which use only
+torch copies on the buffers above).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from model.artifact import (
     cache_names,
     engine_files,
     gpu_identity,
+    platform_identity,
     read_artifact,
     read_engine_manifest,
     require_tensorrt_and_gpu,
@@ -79,6 +80,15 @@ def check_engine_gpu(manifest: EngineManifest, gpu: dict[str, str], where: str) 
                          "--hardware-compatibility ampere-plus")
 
 
+def check_engine_platform(manifest: EngineManifest, host: dict[str, str], where: str) -> None:
+    """Refuse, in one line and before deserialization, an engine built on another OS or CPU architecture: TensorRT's
+    support matrix, Engine Portability: "Serialized engines are not portable across platforms"."""
+    if manifest.platform != host:
+        raise ModelError(f"{where}: engine built on {manifest.platform['system']} {manifest.platform['machine']}, "
+                         f"this host is {host['system']} {host['machine']} (TensorRT engines are not portable "
+                         "across platforms); rebuild here with python -m export.trt")
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
@@ -92,6 +102,7 @@ class TensorRTBackend:
         if manifest.tensorrt != trt.__version__:
             raise ModelError(f"{manifest_path.name}: engine built with TensorRT {manifest.tensorrt}, this is "
                              f"{trt.__version__}; rebuild with python -m export.trt")
+        check_engine_platform(manifest, platform_identity(), manifest_path.name)
         check_engine_gpu(manifest, gpu_identity(), manifest_path.name)
         plan_path = self.artifact_dir / manifest.plan["file"]
         if not plan_path.is_file() or sha256_file(plan_path) != manifest.plan["sha256"]:

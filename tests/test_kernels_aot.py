@@ -13,6 +13,12 @@ import pytest
 from tests.trt_helpers import run_compiled
 
 SHARED_MEMORY_LIMIT = 48 * 1024  # export/plugins/kernels.py keeps every tile under it
+# a hardware-compatible (ampere-plus) engine, whose plugins get the sm_80 tiles: NvInfer.h:9935-9937 @ release/10.14
+# (kAMPERE_PLUS) limits "the combined usage of driver reserved and backend kernel max shared memory to 48KiB", by
+# default "48KiB - reservedShmem" (:9860-9861); the driver reserves 1 KiB per block on sm_80 and newer
+# (CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK, not read from a device here)
+DRIVER_RESERVED_SHARED_MEMORY = 1024
+PORTABLE_SHARED_MEMORY_LIMIT = SHARED_MEMORY_LIMIT - DRIVER_RESERVED_SHARED_MEMORY
 
 COMPILE_ALL = r"""
 import json, pathlib, re, subprocess, sys, tempfile, torch
@@ -94,11 +100,14 @@ def test_tensorrt_ptx_has_exactly_the_aot_arguments(compiled):
 
 
 def test_kernels_fit_a_plain_launch(compiled):
-    """No scratch buffers (TensorRT passes none) and shared memory under the opt-in threshold."""
+    """No scratch buffers (TensorRT passes none), shared memory under the opt-in threshold, and the sm_80 tiles
+    (every one: what a portable build compiles) within a hardware-compatible engine's 48 KiB less the reserve."""
     for r in compiled:
         assert r["global_scratch"] == 0 and r["profile_scratch"] == 0, r
         assert r["shared"] <= SHARED_MEMORY_LIMIT, r
+        assert r["cc"] != 80 or r["shared"] <= PORTABLE_SHARED_MEMORY_LIMIT == 47 * 1024, r
         assert r["num_warps"] in (2, 4), r
+    assert any(r["cc"] == 80 for r in compiled)
 
 
 def test_fp16_prefill_uses_tensor_cores(compiled):

@@ -26,7 +26,7 @@ def _graph(dtype: str = "float32", opset: int = 23, quantize: str | None = None,
     model = GPT(GPTConfig.preset("tiny", **config)).eval()
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     spec = ExportSpec.for_model(model.config, dtype=dtype, opset=opset, quantize=quantize, quant_block=block,
-                                all_logits=all_logits)
+                                all_logits=all_logits, graph="fused" if opset >= 23 else None)  # not the ort graph
     return build_gpt_graph(model.config, state, spec)
 
 
@@ -129,9 +129,9 @@ def test_plugin_rules_fire_on_their_slips():
     assert _rules(pg) == {"plugin-static-dims"}
 
 
-def test_every_rule_cites_a_file_and_line_or_says_why_not():
+def test_every_rule_cites_a_file_and_line_or_a_page():
     for rule in RULES.values():
-        assert "@" in rule.source or "no source file" in rule.source, rule
+        assert "@" in rule.source, rule
         assert rule.says, rule
 
 
@@ -142,3 +142,76 @@ def test_check_only_cli(demo_onnx, capsys):
         out = capsys.readouterr().out
         assert out.startswith("ok: ") and "passes the TensorRT-parser lint" in out, out
     assert not (demo_onnx / "model.plugins.onnx").exists()  # --check-only writes nothing
+
+
+def _dq_model(x: onnx.TensorProto | None, scale: onnx.TensorProto, as_constants: bool = False,
+              **dq_attrs) -> onnx.ModelProto:
+    """One DequantizeLinear feeding a MatMul: x is a weight (an initializer, or a Constant node) or, when None,
+    an INT8 graph input (an activation)."""
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 64])]
+    nodes, inits = [], []
+    if x is None:
+        inputs.append(helper.make_tensor_value_info("x", TensorProto.INT8, [64, 64]))
+    for t in ([x] if x is not None else []) + [scale]:
+        if as_constants:
+            nodes.append(helper.make_node("Constant", [], [t.name], value=t))
+        else:
+            inits.append(t)
+    nodes += [helper.make_node("DequantizeLinear", ["x", "scale"], ["w"], **dq_attrs),
+              helper.make_node("MatMul", ["a", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "dq", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+def _t(name: str, dtype: int, dims: list[int]) -> onnx.TensorProto:
+    n = 1
+    for d in dims:
+        n *= d
+    return helper.make_tensor(name, dtype, dims, [1] * n)
+
+
+def test_dequantize_weights_only_fires_where_tensorrt_refuses():
+    """NvInfer.h:5604-5613 @ release/10.14: per-tensor dequantization (one scale) of an activation is fine;
+    per-channel and block dequantization need input rooted at an IConstantLayer, which a Constant node is."""
+    scalar, per_channel = _t("scale", TensorProto.FLOAT, []), _t("scale", TensorProto.FLOAT, [64])
+    assert _rules(_dq_model(None, scalar)) == set()  # per-tensor, activation
+    assert _rules(_dq_model(None, per_channel, axis=1)) == {"dequantize-weights-only"}
+    blocks = _t("scale", TensorProto.FLOAT, [64, 1])
+    assert _rules(_dq_model(None, blocks, axis=1, block_size=64)) == {"dequantize-weights-only",
+                                                                      "dequantize-block-type"}
+    w4, s4 = _t("x", TensorProto.INT4, [64, 64]), _t("scale", TensorProto.FLOAT, [1, 64])
+    assert _rules(_dq_model(w4, s4, axis=0, block_size=64)) == set()  # an initializer weight
+    assert _rules(_dq_model(w4, s4, as_constants=True, axis=0, block_size=64)) == set()  # a Constant-node weight
+    w8 = _t("x", TensorProto.INT8, [64, 64])
+    m = _dq_model(w8, per_channel, as_constants=True, axis=1)
+    assert _rules(m) == {"op-types"}  # Constant takes no INT8 (operators.md:51)
+    assert "docs/operators.md:51 @" in lint_model(m)[0].line()
+
+
+def test_int4_needs_a_block_on_one_of_the_last_two_dims():
+    """quantized-types-schemes.html: "INT4 quantization requires per-block scales. The supported block sizes are
+    {64, 128}. The block dimension should be one of the last two dimensions." """
+    w4 = _t("x", TensorProto.INT4, [64, 64])
+    assert _rules(_dq_model(w4, _t("scale", TensorProto.FLOAT, [64]), axis=1)) == {"int4-block-size"}
+    assert _rules(_dq_model(w4, _t("scale", TensorProto.FLOAT, []))) == {"int4-block-size"}
+    w3 = _t("x", TensorProto.INT4, [2, 64, 64])
+    assert _rules(_dq_model(w3, _t("scale", TensorProto.FLOAT, [1, 64, 64]), axis=0, block_size=64)) \
+        == {"int4-block-size"}
+    for axis in (1, 2, -1, -2):
+        scale = _t("scale", TensorProto.FLOAT, [2, 1, 64] if axis % 3 == 1 else [2, 64, 1])
+        assert _rules(_dq_model(w3, scale, axis=axis, block_size=64)) == set(), axis
+    assert RULES["int4-block-size"].source.startswith("https://docs.nvidia.com/")
+
+
+def test_plugin_static_dims_is_labelled_as_our_requirement():
+    """Second review, finding 11: TensorRT accepts runtime dims in plugin inputs; the rule is our kernels'."""
+    from pathlib import Path
+
+    rule = RULES["plugin-static-dims"]
+    assert rule.source.startswith("OUR KERNELS' requirement, not NVIDIA's: export/plugins/register.py"), rule
+    pg = to_plugin_graph(_graph())
+    next(v for v in pg.graph.input if v.name == "cache.0.key").type.tensor_type.shape.dim[1].dim_param = "n_head"
+    assert lint_model(pg)[0].line().startswith("rule plugin-static-dims (OUR KERNELS' requirement, not NVIDIA's")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "tensorrt.md").read_text()
+    assert "| `plugin-static-dims` | **ours, not NVIDIA's**" in docs

@@ -95,3 +95,60 @@ def test_the_builder_config_gets_the_level():
 def test_a_bad_level_is_a_one_line_error(demo_onnx):
     with pytest.raises(ModelError, match="invalid choice: 'turing' \\(choose from 'none', 'ampere-plus'\\)"):
         main(["--model", str(demo_onnx), "--hardware-compatibility", "turing"])
+
+
+def test_an_engine_from_another_platform_is_refused(demo_onnx, monkeypatch):
+    """TensorRT's support matrix (Engine Portability): "Serialized engines are not portable across platforms".
+    Hardware compatibility does not cover it: the platform check comes first, in one line."""
+    import json
+    import platform
+
+    here = {"system": platform.system(), "machine": platform.machine()}
+    assert tb.platform_identity() == here
+    windows = {"system": "Windows", "machine": "AMD64"}
+    for level in ("none", "ampere_plus"):
+        files = write_fake_plugin_engine(demo_onnx, H100, level, platform=windows)
+        monkeypatch.setattr(tb, "require_tensorrt_and_gpu", lambda: fake_tensorrt({}))
+        monkeypatch.setattr(tb, "gpu_identity", lambda: H100)
+        try:
+            with pytest.raises(ModelError) as refused:
+                tb.TensorRTBackend(demo_onnx, variant="plugins")
+            line = str(refused.value)
+            assert "\n" not in line and f"engine built on Windows AMD64, this host is {here['system']} " \
+                f"{here['machine']}" in line and "rebuild here with python -m export.trt" in line, line
+            assert read_engine_manifest(files[1]).platform == windows
+            old = json.loads(files[1].read_text())
+            del old["platform"]  # a manifest from before the field: refused, asking for a rebuild
+            files[1].write_text(json.dumps(old))
+            with pytest.raises(ModelError, match=r"missing fields \['platform'\]\); rebuild with python -m export.trt"):
+                tb.TensorRTBackend(demo_onnx, variant="plugins")
+        finally:
+            for f in files:
+                f.unlink()
+    plan, _ = _open(demo_onnx, monkeypatch, H100, H100, "none")  # the default: built here, so it loads
+    assert plan == b"not a plan"
+
+
+def test_the_manifest_records_the_level_the_built_engine_reports():
+    """Second review, finding 7: after the build the plan is deserialized once and the engine's own
+    hardware_compatibility_level (pyCore.cpp:1576 @ release/10.14) is what the manifest records; an engine that
+    reports another level, or does not deserialize, is refused in one line."""
+    import types
+
+    from export.trt import EngineBuildError, engine_hardware_compatibility
+
+    trt = type("trt", (), {"HardwareCompatibilityLevel": S.HardwareCompatibilityLevel})
+    L = S.HardwareCompatibilityLevel
+
+    def runtime(level):
+        engine = None if level is None else types.SimpleNamespace(hardware_compatibility_level=level)
+        return types.SimpleNamespace(deserialize_cuda_engine=lambda plan: engine if plan == b"plan" else None)
+
+    assert engine_hardware_compatibility(trt, runtime(L.AMPERE_PLUS), b"plan", "ampere-plus") == "ampere_plus"
+    assert engine_hardware_compatibility(trt, runtime(L.NONE), b"plan", "none") == "none"
+    with pytest.raises(EngineBuildError, match="ampere-plus: the built engine reports .*NONE"):
+        engine_hardware_compatibility(trt, runtime(L.NONE), b"plan", "ampere-plus")
+    with pytest.raises(EngineBuildError, match="none: the built engine reports .*SAME_COMPUTE_CAPABILITY"):
+        engine_hardware_compatibility(trt, runtime(L.SAME_COMPUTE_CAPABILITY), b"plan", "none")
+    with pytest.raises(EngineBuildError, match="cannot deserialize"):
+        engine_hardware_compatibility(trt, runtime(None), b"plan", "none")

@@ -9,6 +9,7 @@ interpreter tests cannot do (tests/trt_helpers.interpreted_kernels).
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,7 @@ def test_engine_matches_pytorch(artifacts, model, dtype, plugins):
     manifest = build_engine(artifacts[dtype], plugins, max_batch=4, max_seq_len=64, log=quiet)
     info = json.loads(manifest.read_text())
     assert info["plugins"] == list(plugins) and info["gpu"]["name"] == torch.cuda.get_device_name()
+    assert info["platform"] == {"system": platform.system(), "machine": platform.machine()}, info
     backend = TensorRTBackend(artifacts[dtype], variant="plugins" if plugins else "native")
     result = verify_decode(model, backend, n_vocab=90, steps=DECODE_STEPS)
     bound = FP32_MAX_ABS_DIFF if dtype == "float32" else FP16_MAX_ABS_DIFF

@@ -85,16 +85,17 @@ def run_compiled(args: list[str], timeout: int = 900) -> subprocess.CompletedPro
 
 
 def write_fake_plugin_engine(artifact_dir: Path, gpu: dict[str, str], hardware_compatibility: str = "none",
-                             tensorrt: str = "10.14.1") -> list[Path]:
+                             tensorrt: str = "10.14.1", platform: dict[str, str] | None = None) -> list[Path]:
     """A plugin-engine manifest + a plan file that is not a plan, in an exported artifact, for the backend's checks
-    before deserialization. Returns the two files (delete them after)."""
-    from model.artifact import EngineManifest, engine_files, write_engine_manifest
+    before deserialization, built on `platform` (default: this host). Returns the two files (delete them after)."""
+    from model.artifact import EngineManifest, engine_files, platform_identity, write_engine_manifest
     from model.files import sha256_file
 
     plan_name, manifest_name = engine_files("plugins")
     (artifact_dir / plan_name).write_bytes(b"not a plan")
     write_engine_manifest(artifact_dir / manifest_name, EngineManifest(
-        tensorrt=tensorrt, gpu=gpu, hardware_compatibility=hardware_compatibility, variant="plugins",
+        tensorrt=tensorrt, gpu=gpu, platform=platform or platform_identity(),
+        hardware_compatibility=hardware_compatibility, variant="plugins",
         plugins=("attention", "gelu"), kv_cache="static",
         plugin_ids=("gptdeploy::kv_attention", "gptdeploy::bias_gelu"), plugin_kernels={},
         onnx={"file": "model.plugins.onnx", "sha256": "0"},

@@ -220,7 +220,9 @@ class AttentionTile:
 
 
 # Tiles are kept under 48 KiB of shared memory for head_dim <= 128 (what a kernel may use without
-# the launcher opting in to more, which TensorRT's AOT launch is not documented to do); fp32 tiles
+# the launcher opting in to more, which TensorRT's AOT launch is not documented to do), and under 47 KiB on
+# sm_80, the tiles of a hardware-compatible build: NvInfer.h:9935-9937 @ release/10.14 limits driver-reserved plus
+# kernel shared memory to 48 KiB there, "48KiB - reservedShmem" by default (:9860-9861); fp32 tiles
 # are smaller because exact fp32 dots (input_precision="ieee") run on FMA units, not tensor cores.
 # One tactic = one tile for both paths: TensorRT may time a plugin per optimization profile, so the
 # decode profile can pick the tile whose decode path is fastest.
@@ -351,13 +353,17 @@ KERNEL_ARGS = {"attention": 6 + 4 + 3, "gelu": 2 + 1 + 1}  # pointers and int32 
 # sm_120a PTX87; Triton 3.9's LLVM refuses one below: "PTX version 8.6 does not support target 'sm_120a'.
 # Minimum required PTX version is 8.7"), and every kernel, dtype and tile assembles with it
 # (tests/test_kernels_aot.py checks each with NVIDIA's ptxas bundled with Triton, ptxas-blackwell where present).
-# Blackwell: sm_100 (B200/GB200) and sm_120 (RTX PRO 6000 / RTX 50xx), which TensorRT 11 supports; like sm_90a,
+# Blackwell: sm_100 (B200/GB200) and sm_120 (RTX PRO 6000 / RTX 50xx), supported from TensorRT 10.8 (its release
+# notes: "This release supports NVIDIA Blackwell GPUs", B200/GB200 as early access); like sm_90a,
 # the "a" targets run only on that exact compute capability, and an unlisted one (sm_103, sm_121, ...) is refused.
 # The driver JIT-compiles this PTX inside TensorRT and rejects an ISA newer than itself; left alone,
 # Triton emits the newest its bundled ptxas knows (Triton 3.9: 8.8 for sm_80, 9.4 for sm_90a, which
 # needs a CUDA 13.4 driver). Minimum driver per ISA: PTX ISA 7.0 / 7.1 / 7.8 / 8.0 shipped with
 # CUDA 11.0 / 11.1 / 11.8 / 12.0 (the PTX ISA release history), whose Linux drivers are listed below
-# (CUDA toolkit release notes, minimum driver table); 8.6 and 8.7 first shipped in a public toolkit with CUDA 12.8.
+# (CUDA toolkit release notes, minimum driver table). ISA 8.6 needs a CUDA 12.7-capable driver, 8.7 a CUDA 12.8 one
+# (NVIDIA/cuda-python cuda_bindings/cuda/bindings/utils/_ptx_utils.py _ptx_to_cuda: "8.6": (12, 7), "8.7": (12, 8));
+# no public toolkit shipped 12.7, so 570.26, CUDA 12.8's Linux driver, is a practical floor for both, not a figure
+# read from a CUDA release-notes table.
 PTX_VERSIONS = {80: 70, 86: 71, 89: 78, 90: 80, 100: 86, 120: 87}
 PTX_MIN_DRIVER = {70: "450.51 (CUDA 11.0)", 71: "455.23 (CUDA 11.1)", 78: "520.61 (CUDA 11.8)",
                   80: "525.60 (CUDA 12.0)", 86: "570.26 (CUDA 12.8)", 87: "570.26 (CUDA 12.8)"}
