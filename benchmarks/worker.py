@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import peers
+from benchmarks import peer_llama, peer_openvino, peers
 from benchmarks.bare_ort import BareOrtLoop, run_bare
 from benchmarks.machine import proc_kb
 from benchmarks.stats import Timed, summarize
@@ -37,12 +37,16 @@ RUNTIME_BACKENDS = {"torch": "torch", "ort-fused": "onnxruntime", "ort-decompose
                     "ort-int8": "onnxruntime", "ort-int4": "onnxruntime", "tensorrt": "tensorrt"}
 WARMUP_NEW_TOKENS = 16  # a decode warm-up only needs to touch every kernel and buffer once, not to be long
 MIN_TIMED_RUNS = 2  # a workload stops repeating at its time budget, but never below this (a spread needs two)
-ALL_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "ort-int8", "ort-int4", "bare-fp32",
-                "bare-int4", "ct2-fp32", "ct2-int8", "genai-fp32", "genai-int4", "tensorrt")
+DEFAULT_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "ort-int8", "ort-int4", "bare-fp32",
+                    "bare-int4", "ct2-fp32", "ct2-int8", "genai-fp32", "genai-int4", "llama-q4_0", "llama-q8_0",
+                    "ov-int4", "ov-int8", "tensorrt")
+# the peers at full precision: a check of their conversion (greedy tokens vs torch), only when asked for
+ALL_BACKENDS = (*DEFAULT_BACKENDS, "llama-f32", "ov-fp32")
+PEER_PREFIXES = ("bare-", "ct2-", "genai-", "llama-", "ov-")
 # which artifact each row runs: the fp32 fused graph, the decomposed one, or a quantized fused graph
 ARTIFACT_OF = {"ort-fused": "fused", "ort-decomposed": "decomposed", "ort-int8": "int8", "ort-int4": "int4",
                "bare-fp32": "fused", "bare-int4": "int4", "genai-fp32": "fused", "genai-int4": "int4",
-               "tensorrt": "fused"}
+               "ov-fp32": "fused", "ov-int4": "fused", "ov-int8": "fused", "tensorrt": "fused"}
 
 
 class Unavailable(Exception):
@@ -126,7 +130,7 @@ def open_tensorrt(spec: dict) -> Any:
     if not torch.cuda.is_available():
         raise Unavailable("no CUDA GPU visible to torch")
     need_batch = max(spec["batches"])
-    need_seq = max(max(spec["prefill_lens"]) + 1, spec["decode_prompt_len"] + spec["new_tokens"])
+    need_seq = max_positions(spec)
     try:
         backend = TensorRTBackend(spec["artifact"])
         if backend.max_batch < need_batch or backend.max_seq_len < need_seq:
@@ -150,7 +154,7 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
         info = {"attn_implementation": getattr(hf.config, "_attn_implementation", None), "device": "cpu",
                 "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
         return run_transformers, hf, info
-    if name.startswith(("bare-", "ct2-", "genai-")):
+    if name.startswith(PEER_PREFIXES):
         return open_reference_or_peer(spec)
     if name == "tensorrt":
         backend = open_tensorrt(spec)
@@ -161,8 +165,13 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
     return run_runtime, backend, backend.describe()
 
 
+def max_positions(spec: dict) -> int:
+    return max(max(spec["prefill_lens"]) + 1, spec["decode_prompt_len"] + spec["new_tokens"])
+
+
 def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
-    """The bare ORT loop (benchmarks/bare_ort.py) and the CPU peers (benchmarks/peers.py)."""
+    """The bare ORT loop (benchmarks/bare_ort.py) and the CPU peers (benchmarks/peers.py, peer_llama.py,
+    peer_openvino.py)."""
     name, threads = spec["backend"], spec.get("threads")
     workdir = Path(spec["workdir"])
     try:
@@ -176,6 +185,23 @@ def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
 
             return peers.run_ct2, gen, {"device": "cpu", "ctranslate2": ctranslate2.__version__,
                                         "compute_type": quantization, "intra_threads": threads or 0}
+        if name.startswith("llama-"):
+            qtype = name.removeprefix("llama-")
+            llm = peer_llama.open_llama(spec["model_src"], qtype, threads, workdir, max_positions(spec))
+            import llama_cpp  # optional (open_llama checked it)
+
+            return peer_llama.run_llama, llm, {"device": "cpu", "llama_cpp_python": llama_cpp.__version__,
+                                               "gguf_type": peer_llama.QUANT_TYPES[qtype], "threads": llm.threads,
+                                               "batching": "n_seq_max = batch, one KV stream per sequence"}
+        if name.startswith("ov-"):
+            fmt = name.removeprefix("ov-")
+            pipe = peer_openvino.open_openvino(spec["artifact"], fmt, threads, workdir)
+            import openvino_genai  # optional (open_openvino checked it)
+
+            return peer_openvino.run_openvino, pipe, {"device": "cpu", "openvino_genai": openvino_genai.__version__,
+                                                      "weights": peer_openvino.describe(fmt),
+                                                      "inference_threads": threads or 0,
+                                                      "artifact": spec["artifact"]}
         model = peers.open_genai(spec["artifact"], threads, workdir)
         import onnxruntime_genai  # optional (open_genai checked it)
 
