@@ -192,7 +192,8 @@ def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
 
             return peer_llama.run_llama, llm, {"device": "cpu", "llama_cpp_python": llama_cpp.__version__,
                                                "gguf_type": peer_llama.QUANT_TYPES[qtype], "threads": llm.threads,
-                                               "batching": "n_seq_max = batch, one KV stream per sequence"}
+                                               "batching": "n_seq_max = batch, one KV stream per sequence",
+                                               "gelu": "tanh (llama.cpp's GPT-2 graph, whatever the model's)"}
         if name.startswith("ov-"):
             fmt = name.removeprefix("ov-")
             pipe = peer_openvino.open_openvino(spec["artifact"], fmt, threads, workdir)
