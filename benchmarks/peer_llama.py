@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.peers import PeerUnavailable
 from benchmarks.stats import Timed
-from model.errors import ModelError
+from model.errors import CliParser, ModelError, run_cli
 from model.load import load_model, save_hf_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,3 +167,23 @@ def open_llama(model_src: str, qtype: str, threads: int | None, workdir: Path, m
 
 def run_llama(llm: LlamaCpp, prompt: Any, new_tokens: int) -> Timed:
     return llm.generate(prompt, new_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m benchmarks.peer_llama --model SRC --out DIR [--type q4_0]: the GGUF files a llama-* row runs,
+    kept (for llama-bench / llama-batched-bench from the same build)."""
+    p = CliParser(prog="python -m benchmarks.peer_llama", description=main.__doc__)
+    p.add_argument("--model", required=True, help="any source model.load accepts (GPT-2 BPE vocabulary)")
+    p.add_argument("--out", type=Path, required=True, help="folder for llama-f32.gguf and llama-TYPE.gguf")
+    p.add_argument("--type", choices=sorted(QUANT_TYPES), default="q4_0", help="default: %(default)s")
+    a = p.parse_args(argv)
+    try:
+        a.out.mkdir(parents=True, exist_ok=True)
+        print(to_gguf(a.model, a.type, a.out))
+    except (PeerUnavailable, RuntimeError, OSError) as e:
+        raise ModelError(str(e)) from None
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
