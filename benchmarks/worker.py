@@ -202,6 +202,7 @@ def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
             return peer_openvino.run_openvino, pipe, {"device": "cpu", "openvino_genai": openvino_genai.__version__,
                                                       "weights": peer_openvino.describe(fmt),
                                                       "inference_threads": threads or 0,
+                                                      "attention_backend": peer_openvino.ATTENTION_BACKEND,
                                                       "artifact": spec["artifact"]}
         model = peers.open_genai(spec["artifact"], threads, workdir)
         import onnxruntime_genai  # optional (open_genai checked it)
