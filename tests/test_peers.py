@@ -140,3 +140,25 @@ def test_llama_f32_gguf_decodes_like_torch(tmp_path):
     assert batch1.tokens == want[2].tolist()
     q4 = peer_llama.to_gguf(str(save), "q4_0", tmp_path)
     assert q4.stat().st_size < 0.3 * (tmp_path / "llama-f32.gguf").stat().st_size
+
+
+def test_openvino_stateful_conversion_decodes_like_torch(demo_onnx, tmp_path):
+    """Our fp32 graph made stateful (beam_idx + one variable per past/present pair) decodes the trained demo
+    model's greedy tokens on every row, at f32; NNCF int4 makes the weights file smaller."""
+    pytest.importorskip("openvino_genai")
+    import openvino_genai as og
+
+    from benchmarks import peer_openvino
+
+    fp32 = peer_openvino.convert(str(demo_onnx), "fp32", tmp_path / "fp32")
+    pipe = og.LLMPipeline(str(fp32), "CPU", ATTENTION_BACKEND=peer_openvino.ATTENTION_BACKEND,
+                          INFERENCE_PRECISION_HINT="f32", INFERENCE_NUM_THREADS=1)
+    model, tok = load_model("demo")
+    prompt = torch.tensor([tok.encode("ROMEO:\nWhat say"), tok.encode("JULIET:\nO, tell")])
+    timed = peer_openvino.run_openvino(pipe, prompt.numpy(), 24)
+    assert timed.tokens == greedy_with_cache(model, prompt, 24)[0].tolist()
+    row1 = peer_openvino.run_openvino(pipe, prompt[1:].numpy(), 24)  # the state is reset between calls
+    assert row1.tokens == greedy_with_cache(model, prompt[1:], 24)[0].tolist()
+    int4 = peer_openvino.convert(str(demo_onnx), "int4", tmp_path / "int4")
+    size = lambda d: (d / "openvino_model.bin").stat().st_size  # noqa: E731
+    assert size(int4) < 0.4 * size(fp32)
