@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 # Optional: the llama.cpp and OpenVINO rows of `make bench` (never part of `make test`). Builds llama.cpp from
-# llama-cpp-python's sdist into .peers/ (about 10-15 minutes on 2 cores, at low priority), then the OpenVINO wheels.
+# llama-cpp-python's sdist into .peers/ (about 15 minutes on 2 cores, at low priority), then the OpenVINO wheels.
 peers: $(STAMP)
 	nice -n 10 bash benchmarks/setup_peers.sh $(BIN)/python .peers
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[peers-build]"

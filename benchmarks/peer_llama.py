@@ -27,6 +27,7 @@ from model.load import load_model, save_hf_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_ENV = "GPTDEPLOY_PEERS_DIR"  # where `make peers` put the llama.cpp source and build (default: .peers)
+LIB_ENV = "LLAMA_CPP_LIB_PATH"  # llama-cpp-python's own variable: the folder of the libllama it loads
 QUANT_TYPES = {"f32": "F32", "q8_0": "Q8_0", "q4_0": "Q4_0"}  # row suffix -> llama-quantize type
 CTX_ALIGN = 256  # llama.cpp pads context sizes to this
 
@@ -36,13 +37,19 @@ def peers_dir() -> Path:
 
 
 def llama_tools() -> tuple[Path, Path]:
-    """-> (convert_hf_to_gguf.py, folder of llama-quantize / llama-bench) of the installed llama-cpp-python."""
+    """-> (convert_hf_to_gguf.py, folder of libllama, llama-quantize and llama-bench) of `make peers`' build;
+    llama_cpp is imported here, bound to that libllama."""
+    bin_dir = peers_dir() / "llama-build" / "bin"
+    os.environ[LIB_ENV] = str(bin_dir)  # read by llama_cpp at import: the bindings load this build's libllama
     try:
         import llama_cpp
     except ImportError:
         raise PeerUnavailable("llama-cpp-python is not installed (make peers)") from None
+    except (OSError, RuntimeError) as e:  # the bindings without a libllama to load
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PeerUnavailable(f"llama-cpp-python found no libllama in {bin_dir} ({first}; make peers)") from None
     src = peers_dir() / "src" / f"llama_cpp_python-{llama_cpp.__version__}" / "vendor" / "llama.cpp"
-    converter, bin_dir = src / "convert_hf_to_gguf.py", peers_dir() / "llama-build" / "bin"
+    converter = src / "convert_hf_to_gguf.py"
     if not converter.is_file() or not (bin_dir / "llama-quantize").is_file():
         raise PeerUnavailable(f"llama.cpp {llama_cpp.__version__}'s converter and tools are not in {peers_dir()} "
                               f"(make peers, or set {PEERS_ENV})")
@@ -89,6 +96,7 @@ class LlamaCpp:
     """A loaded GGUF and one context sized for B rows of max_seq positions (remade when B changes)."""
 
     def __init__(self, gguf: Path, threads: int | None, max_seq: int) -> None:
+        llama_tools()  # binds llama_cpp to the build's libllama
         import llama_cpp as L
 
         self.L = L

@@ -40,12 +40,14 @@ def test_missing_peer_package_is_skipped_with_the_reason(backend, module, monkey
     from benchmarks.worker import Unavailable
 
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "")
     with pytest.raises(Unavailable, match="not installed"):
         open_row(backend, tmp_path)
 
 
 def fake_llama_cpp(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(__version__="0.0.test"))
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "")  # restored afterwards (peer_llama sets it)
 
 
 def test_llama_without_make_peers_is_skipped_with_the_reason(monkeypatch, tmp_path):
