@@ -93,9 +93,10 @@ def _quiet(level: int, text: bytes, user_data: Any) -> None:
 
 
 class LlamaCpp:
-    """A loaded GGUF and one context sized for B rows of max_seq positions (remade when B changes)."""
+    """A loaded GGUF and one context for B rows of per_seq positions each, remade (before the clock starts) when
+    a call needs other rows or more positions: the KV cache is as large as the workload, not the model's context."""
 
-    def __init__(self, gguf: Path, threads: int | None, max_seq: int) -> None:
+    def __init__(self, gguf: Path, threads: int | None) -> None:
         llama_tools()  # binds llama_cpp to the build's libllama
         import llama_cpp as L
 
@@ -107,13 +108,13 @@ class LlamaCpp:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.threads = threads or os.cpu_count() or 1
-        self.per_seq = -(-max_seq // CTX_ALIGN) * CTX_ALIGN
-        self.ctx, self.batch, self.rows = None, None, 0
+        self.ctx, self.batch, self.rows, self.per_seq = None, None, 0, 0
 
-    def context(self, rows: int) -> Any:
+    def context(self, rows: int, positions: int) -> Any:
         L = self.L
-        if rows != self.rows:
+        if rows != self.rows or positions > self.per_seq:
             self.close()
+            self.per_seq = -(-positions // CTX_ALIGN) * CTX_ALIGN
             p = L.llama_context_default_params()
             p.n_seq_max, p.n_ctx, p.n_batch = rows, rows * self.per_seq, rows * self.per_seq
             p.n_threads = p.n_threads_batch = self.threads
@@ -130,7 +131,7 @@ class LlamaCpp:
         if self.ctx:
             self.L.llama_batch_free(self.batch)
             self.L.llama_free(self.ctx)
-        self.ctx, self.batch, self.rows = None, None, 0
+        self.ctx, self.batch, self.rows, self.per_seq = None, None, 0, 0
 
     def _decode(self, n: int, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, out: np.ndarray) -> np.ndarray:
         """One llama_decode of n tokens -> argmax of the logits of the rows flagged in out (in order)."""
@@ -151,9 +152,7 @@ class LlamaCpp:
     def generate(self, prompt: Any, new_tokens: int) -> Timed:
         prompt = np.asarray(prompt, dtype=np.int32)
         B, P = prompt.shape
-        if P + new_tokens > self.per_seq:
-            raise RuntimeError(f"{P} + {new_tokens} positions do not fit the context's {self.per_seq}")
-        self.L.llama_memory_clear(self.L.llama_get_memory(self.context(B)), True)
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.context(B, P + new_tokens)), True)
         rows = np.arange(B, dtype=np.int32)
         last = np.zeros((B, P), np.int8)
         last[:, -1] = 1
@@ -169,8 +168,8 @@ class LlamaCpp:
         return Timed(t1 - t0, (new_tokens - 1) * B, t2 - t1, tokens[0].tolist())
 
 
-def open_llama(model_src: str, qtype: str, threads: int | None, workdir: Path, max_seq: int) -> LlamaCpp:
-    return LlamaCpp(to_gguf(model_src, qtype, workdir), threads, max_seq)
+def open_llama(model_src: str, qtype: str, threads: int | None, workdir: Path) -> LlamaCpp:
+    return LlamaCpp(to_gguf(model_src, qtype, workdir), threads)
 
 
 def run_llama(llm: LlamaCpp, prompt: Any, new_tokens: int) -> Timed:

@@ -130,7 +130,7 @@ def open_tensorrt(spec: dict) -> Any:
     if not torch.cuda.is_available():
         raise Unavailable("no CUDA GPU visible to torch")
     need_batch = max(spec["batches"])
-    need_seq = max_positions(spec)
+    need_seq = max(max(spec["prefill_lens"]) + 1, spec["decode_prompt_len"] + spec["new_tokens"])
     try:
         backend = TensorRTBackend(spec["artifact"])
         if backend.max_batch < need_batch or backend.max_seq_len < need_seq:
@@ -165,10 +165,6 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
     return run_runtime, backend, backend.describe()
 
 
-def max_positions(spec: dict) -> int:
-    return max(max(spec["prefill_lens"]) + 1, spec["decode_prompt_len"] + spec["new_tokens"])
-
-
 def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
     """The bare ORT loop (benchmarks/bare_ort.py) and the CPU peers (benchmarks/peers.py, peer_llama.py,
     peer_openvino.py)."""
@@ -187,7 +183,7 @@ def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
                                         "compute_type": quantization, "intra_threads": threads or 0}
         if name.startswith("llama-"):
             qtype = name.removeprefix("llama-")
-            llm = peer_llama.open_llama(spec["model_src"], qtype, threads, workdir, max_positions(spec))
+            llm = peer_llama.open_llama(spec["model_src"], qtype, threads, workdir)
             import llama_cpp  # optional (open_llama checked it)
 
             return peer_llama.run_llama, llm, {"device": "cpu", "llama_cpp_python": llama_cpp.__version__,

@@ -133,7 +133,7 @@ def test_llama_f32_gguf_decodes_like_torch(tmp_path):
     from model.load import save_checkpoint
 
     save_checkpoint(model, gpt2_tokenizer(), save)
-    llm = peer_llama.open_llama(str(save), "f32", 1, tmp_path, max_seq=64)
+    llm = peer_llama.open_llama(str(save), "f32", 1, tmp_path)
     prompt = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(4))
     timed = llm.generate(prompt.numpy(), 8)
     want = greedy_with_cache(model, prompt, 8)
