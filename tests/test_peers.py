@@ -141,7 +141,8 @@ def test_llama_f32_gguf_decodes_like_torch(tmp_path):
     batch1 = llm.generate(prompt[2:].numpy(), 8)  # a new context for one row: row 2 alone decodes the same
     assert batch1.tokens == want[2].tolist()
     q4 = peer_llama.to_gguf(str(save), "q4_0", tmp_path)
-    assert q4.stat().st_size < 0.3 * (tmp_path / "llama-f32.gguf").stat().st_size
+    # (llama-quantize keeps the tied embedding, most of this tiny model, at 6 bits)
+    assert q4.stat().st_size < 0.4 * (tmp_path / "llama-f32.gguf").stat().st_size
 
 
 def test_openvino_stateful_conversion_decodes_like_torch(demo_onnx, tmp_path):
