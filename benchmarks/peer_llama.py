@@ -88,7 +88,7 @@ def to_gguf(model_src: str, qtype: str, workdir: Path) -> Path:
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 def _quiet(level: int, text: bytes, user_data: Any) -> None:
-    if level >= 4:  # GGML_LOG_LEVEL_ERROR
+    if level == 4:  # GGML_LOG_LEVEL_ERROR (5, CONT, continues lines of every level)
         sys.stderr.write(text.decode(errors="replace"))
 
 
