@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench gpu-check clean
+.PHONY: setup demo test lint bench peers gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# Optional: the llama.cpp and OpenVINO rows of `make bench` (never part of `make test`). Builds llama.cpp from
+# llama-cpp-python's sdist into .peers/ (about 15 minutes on 2 cores, at low priority), then the OpenVINO wheels.
+peers: $(STAMP)
+	nice -n 10 bash benchmarks/setup_peers.sh $(BIN)/python .peers
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[peers-build]"
 
 # The prepared GPU check: the machine's own python3 (no venv, no installs); report in $(OUT).
 OUT ?= out/gpu-check

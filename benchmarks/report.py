@@ -20,11 +20,14 @@ LABELS = {"torch": "torch (reference)", "transformers": "transformers generate",
           "ort-int4-fused": "onnxruntime int4, fused graph",
           "bare-fp32": "bare ORT loop fp32 (reference)", "bare-int4": "bare ORT loop int4 (reference)",
           "ct2-fp32": "CTranslate2 fp32", "ct2-int8": "CTranslate2 int8", "genai-fp32": "onnxruntime-genai fp32",
-          "genai-int4": "onnxruntime-genai int4", "tensorrt": "tensorrt"}
+          "genai-int4": "onnxruntime-genai int4", "llama-q4_0": "llama.cpp Q4_0", "llama-q8_0": "llama.cpp Q8_0",
+          "llama-f32": "llama.cpp f32", "ov-int4": "OpenVINO GenAI int4 g128", "ov-int8": "OpenVINO GenAI int8",
+          "ov-fp32": "OpenVINO GenAI fp32 file", "tensorrt": "tensorrt"}
 # the artifact kind (run.py) whose weights a row reads; rows not listed read the fp32 weights, except
-# CTranslate2 int8, whose byte count is its own (no bandwidth share shown)
+# CTranslate2 int8 and the llama.cpp / OpenVINO rows, whose byte counts are their own (no bandwidth share shown)
 ROW_WEIGHTS = {"ort-int8": "int8", "ort-int4": "int4", "ort-int4-fused": "int4-fused", "bare-int4": "int4",
-               "genai-int4": "int4-fused", "ct2-int8": None}
+               "genai-int4": "int4-fused", "ct2-int8": None, "llama-q4_0": None, "llama-q8_0": None, "ov-int4": None,
+               "ov-int8": None, "ov-fp32": None}
 QUANT_TARGETS = (  # (key, description, required, "min" | "max")
     ("int4_b1", "int4 batch-1 decode tokens/s", 250.0, "min"),
     ("int4_b1_vs_ct2_int8", "int4 batch 1, x CTranslate2 int8 batch 1", 1.3, "min"),

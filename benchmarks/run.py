@@ -32,7 +32,7 @@ import torch
 
 from benchmarks import report
 from benchmarks.machine import cpu_snapshot, gemm_peak, load_average, machine_info, other_cpu_share, read_bandwidth
-from benchmarks.worker import ALL_BACKENDS, ARTIFACT_OF
+from benchmarks.worker import ALL_BACKENDS, ARTIFACT_OF, DEFAULT_BACKENDS
 from export.onnx import export_artifact
 from model.artifact import DEFAULT_OPSET, MODEL_FILE, Q_SUFFIX, SCALE_SUFFIX
 from model.config import GPTConfig
@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model source (demo, HF folder or hub id, nanoGPT ckpt.pt, checkpoint folder); "
                                    "default: gpt2 (124M) shapes with seeded random weights")
     p.add_argument("--quick", action="store_true", help="tiny random model and a few steps (CI smoke test)")
-    p.add_argument("--backends", default=",".join(ALL_BACKENDS),
-                   help="comma-separated subset of %(default)s")
+    extra = ", ".join(b for b in ALL_BACKENDS if b not in DEFAULT_BACKENDS)
+    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                   help=f"comma-separated rows to run (default %(default)s; on request only: {extra})")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: out/bench)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help="where the random checkpoint and ONNX exports are kept between runs (default: artifacts/bench)")

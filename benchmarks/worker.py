@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import peers
+from benchmarks import peer_llama, peer_openvino, peers
 from benchmarks.bare_ort import BareOrtLoop, run_bare
 from benchmarks.machine import proc_kb
 from benchmarks.stats import Timed, summarize
@@ -38,15 +38,20 @@ RUNTIME_BACKENDS = {"torch": "torch", "ort-fused": "onnxruntime", "ort-decompose
                     "ort-int4-fused": "onnxruntime", "tensorrt": "tensorrt"}
 WARMUP_NEW_TOKENS = 16  # a decode warm-up only needs to touch every kernel and buffer once, not to be long
 MIN_TIMED_RUNS = 2  # a workload stops repeating at its time budget, but never below this (a spread needs two)
-ALL_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "ort-ortgraph", "ort-int8", "ort-int4",
-                "ort-int4-fused", "bare-fp32", "bare-int4", "ct2-fp32", "ct2-int8", "genai-fp32", "genai-int4",
-                "tensorrt")
+DEFAULT_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "ort-ortgraph", "ort-int8", "ort-int4",
+                    "ort-int4-fused", "bare-fp32", "bare-int4", "ct2-fp32", "ct2-int8", "genai-fp32", "genai-int4",
+                    "llama-q4_0", "llama-q8_0", "ov-int4", "ov-int8", "tensorrt")
+# the peers at full precision: a check of their conversion (greedy tokens vs torch), only when asked for
+ALL_BACKENDS = (*DEFAULT_BACKENDS, "llama-f32", "ov-fp32")
+PEER_PREFIXES = ("bare-", "ct2-", "genai-", "llama-", "ov-")
 # which artifact each row runs (benchmarks/run.prepare_artifact): the fp32 fused graph, the decomposed one, the fp32
 # ort graph, the quantized exports as shipped (the ort graph) or the int4 fused graph (the quantized graph before
-# the ort graph, and the one onnxruntime-genai reads: it does not feed the ort graph's logits_to_keep)
+# the ort graph, and the one onnxruntime-genai reads: it does not feed the ort graph's logits_to_keep); OpenVINO
+# converts the fp32 fused graph itself
 ARTIFACT_OF = {"ort-fused": "fused", "ort-decomposed": "decomposed", "ort-ortgraph": "ortgraph", "ort-int8": "int8",
                "ort-int4": "int4", "ort-int4-fused": "int4-fused", "bare-fp32": "fused", "bare-int4": "int4",
-               "genai-fp32": "fused", "genai-int4": "int4-fused", "tensorrt": "fused"}
+               "genai-fp32": "fused", "genai-int4": "int4-fused", "ov-fp32": "fused", "ov-int4": "fused",
+               "ov-int8": "fused", "tensorrt": "fused"}
 
 
 class Unavailable(Exception):
@@ -154,7 +159,7 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
         info = {"attn_implementation": getattr(hf.config, "_attn_implementation", None), "device": "cpu",
                 "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
         return run_transformers, hf, info
-    if name.startswith(("bare-", "ct2-", "genai-")):
+    if name.startswith(PEER_PREFIXES):
         return open_reference_or_peer(spec)
     if name == "tensorrt":
         backend = open_tensorrt(spec)
@@ -166,7 +171,8 @@ def open_for_bench(spec: dict) -> tuple[Any, Any, dict]:
 
 
 def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
-    """The bare ORT loop (benchmarks/bare_ort.py) and the CPU peers (benchmarks/peers.py)."""
+    """The bare ORT loop (benchmarks/bare_ort.py) and the CPU peers (benchmarks/peers.py, peer_llama.py,
+    peer_openvino.py)."""
     name, threads = spec["backend"], spec.get("threads")
     workdir = Path(spec["workdir"])
     try:
@@ -180,6 +186,25 @@ def open_reference_or_peer(spec: dict) -> tuple[Any, Any, dict]:
 
             return peers.run_ct2, gen, {"device": "cpu", "ctranslate2": ctranslate2.__version__,
                                         "compute_type": quantization, "intra_threads": threads or 0}
+        if name.startswith("llama-"):
+            qtype = name.removeprefix("llama-")
+            llm = peer_llama.open_llama(spec["model_src"], qtype, threads, workdir)
+            import llama_cpp  # optional (open_llama checked it)
+
+            return peer_llama.run_llama, llm, {"device": "cpu", "llama_cpp_python": llama_cpp.__version__,
+                                               "gguf_type": peer_llama.QUANT_TYPES[qtype], "threads": llm.threads,
+                                               "batching": "n_seq_max = batch, one KV stream per sequence",
+                                               "gelu": "tanh (llama.cpp's GPT-2 graph, whatever the model's)"}
+        if name.startswith("ov-"):
+            fmt = name.removeprefix("ov-")
+            pipe = peer_openvino.open_openvino(spec["artifact"], fmt, threads, workdir)
+            import openvino_genai  # optional (open_openvino checked it)
+
+            return peer_openvino.run_openvino, pipe, {"device": "cpu", "openvino_genai": openvino_genai.__version__,
+                                                      "weights": peer_openvino.describe(fmt),
+                                                      "inference_threads": threads or 0,
+                                                      "attention_backend": peer_openvino.ATTENTION_BACKEND,
+                                                      "artifact": spec["artifact"]}
         model = peers.open_genai(spec["artifact"], threads, workdir)
         import onnxruntime_genai  # optional (open_genai checked it)
 

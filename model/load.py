@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from model.artifact import is_artifact, onnx_state_dict, read_artifact
 from model.config import GPTConfig
 from model.errors import ModelError
 from model.gpt import GPT
-from model.tokenizer import Tokenizer, gpt2_tokenizer, load_meta_pkl, tokenizer_from_spec
+from model.tokenizer import BPE_DIR, GPT2_EOT, Tokenizer, gpt2_tokenizer, load_meta_pkl, tokenizer_from_spec
 
 DEMO_DIR = Path(__file__).parent / "demo"
 HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "erf"}
@@ -124,6 +125,41 @@ def hf_config_to_gpt(cfg: dict[str, Any]) -> GPTConfig:
                      block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
                      vocab_size=cfg["vocab_size"], bias=True, gelu=HF_GELU[act],
                      layer_norm_eps=cfg.get("layer_norm_epsilon", 1e-5))
+
+
+def save_hf_folder(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None:
+    """The inverse of load_hf_folder: config.json + model.safetensors in transformers' GPT2LMHeadModel layout
+    (Conv1D weights stored [in, out]) and the GPT-2 BPE files as vocab.json + merges.txt, so that other tools
+    (llama.cpp's converter, optimum) read the same weights. Written to a temp folder, then renamed into place."""
+    c = model.config
+    if not c.bias:
+        raise ModelError("a Hugging Face GPT-2 folder has biases everywhere; this model has bias=False")
+    if tokenizer.spec.get("type") != "gpt2":
+        raise ModelError("a Hugging Face GPT-2 folder carries the GPT-2 BPE tokenizer, "
+                         f"not {tokenizer.spec.get('type')!r}")
+    gelu = {"tanh": "gelu_new", "erf": "gelu"}[c.gelu]
+    cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": c.n_layer, "n_head": c.n_head,
+           "n_embd": c.n_embd, "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
+           "layer_norm_epsilon": c.layer_norm_eps, "activation_function": gelu, "bos_token_id": GPT2_EOT,
+           "eos_token_id": GPT2_EOT, "tie_word_embeddings": True, "torch_dtype": "float32"}
+    state = {}
+    for k, v in model.state_dict().items():
+        if k != "lm_head.weight":  # tied to wte
+            state[k] = (v.t() if k.endswith(HF_CONV1D) else v).detach().float().contiguous()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"config.json": json.dumps(cfg, indent=1) + "\n",
+             "tokenizer_config.json": json.dumps({"tokenizer_class": "GPT2Tokenizer", "model_max_length": c.block_size,
+                                                  "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                                  "unk_token": "<|endoftext|>"}) + "\n"}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, text in files.items():
+            Path(tmp, name).write_text(text)
+        shutil.copyfile(BPE_DIR / "encoder.json", os.path.join(tmp, "vocab.json"))
+        shutil.copyfile(BPE_DIR / "vocab.bpe", os.path.join(tmp, "merges.txt"))
+        for name in ("model.safetensors", *files, "vocab.json", "merges.txt"):
+            os.replace(os.path.join(tmp, name), out_dir / name)
 
 
 def _hub_snapshot(repo_id: str) -> Path:
