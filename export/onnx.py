@@ -61,6 +61,7 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
                     opset: int = DEFAULT_OPSET, graph: str | None = None, max_seq_len: int | None = None,
                     all_logits: bool = False, force: bool = False, verify: bool = True, verify_steps: int = 8,
                     parity_cases: int = 16, quantize: str | None = None, quant_block: int | None = None,
+                    quant_lm_head: bool = True,
                     quality_seqs: int = 16, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the artifact DIR atomically; returns a summary (paths, node counts, parity figures).
     Raises ModelError on bad input or failed verification, leaving nothing behind.
@@ -80,7 +81,8 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
     config = model.config
     try:
         spec = ExportSpec.for_model(config, dtype=dtype, opset=opset, graph=graph, max_seq_len=max_seq_len,
-                                    all_logits=all_logits, quantize=quantize, quant_block=quant_block)
+                                    all_logits=all_logits, quantize=quantize, quant_block=quant_block,
+                                    quant_lm_head=quant_lm_head)
     except ValueError as e:
         raise ModelError(str(e)) from None
     stage("load", f"{src}: {model.num_params() / 1e6:.1f}M params, {config.n_layer} layers, vocab {config.vocab_size}")
@@ -89,7 +91,8 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
     proto = build_gpt_graph(config, state, spec)
     counts = node_counts(proto)
     shown = ("Attention", "Gelu", "LayerNormalization") + (("DequantizeLinear", "MatMul") if spec.quantize else ())
-    quant_note = f", {spec.quantize} block {spec.quant_block}" if spec.quantize else ""
+    quant_note = (f", {spec.quantize} block {spec.quant_block}" + ("" if spec.quant_lm_head else ", float lm_head")
+                  if spec.quantize else "")
     stage("build", f"{spec.graph} graph, opset {spec.opset}, {spec.dtype}{quant_note}: "
           f"{len(proto.graph.node)} nodes; " + ", ".join(f"{k} {counts.get(k, 0)}" for k in shown))
 
@@ -188,7 +191,7 @@ ORT_EXACT_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}  # fp32 
 def verify_quantized(model: Any, artifact_dir: Path, spec: ExportSpec, tokenizer: Any, *, steps: int = 8,
                      seqs: int = 16, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Three checks of a quantized artifact; raises ModelError when one fails:
-    1. ONNX Runtime runs it as MatMulNBits: its optimized graph has one per Linear + lm_head, no MatMul left;
+    1. ONNX Runtime runs it as MatMulNBits: its optimized graph has one per Linear (+ lm_head), no MatMul left;
     2. the graph computes what it claims: ORT with fp32 MatMulNBits compute vs the torch model with the same
        fake-quantized weights (quantized_reference), within the dtype's parity bound (export/parity.py) and
        greedy-identical (float16: but for near ties);
@@ -197,7 +200,7 @@ def verify_quantized(model: Any, artifact_dir: Path, spec: ExportSpec, tokenizer
     c, dtype, name = model.config, spec.dtype, spec.quantize
     problems = []
     optimized = count_ort_optimized(artifact_dir / MODEL_FILE)
-    want = 4 * c.n_layer + 1
+    want = 4 * c.n_layer + spec.quant_lm_head
     log(f"          onnxruntime's optimized graph: MatMulNBits {optimized.get('MatMulNBits', 0)} (expected {want}), "
         f"MatMul {optimized.get('MatMul', 0)}, DequantizeLinear {optimized.get('DequantizeLinear', 0)}")
     if optimized.get("MatMulNBits", 0) != want:
@@ -262,15 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=tuple(QUANT_BITS), help="weight-only quantization of every Linear and lm_head")
     p.add_argument("--quant-block", type=int,
                    help=f"input features per quantization block (power of two >= 16; default: {DEFAULT_QUANT_BLOCK}; "
-                        "ONNX Runtime only: export.trt refuses quantized artifacts)")
+                        "export.trt takes int4 at 64 or 128 with --graph fused, and refuses the rest)")
+    p.add_argument("--float-lm-head", action="store_true",
+                   help="with --quantize: keep the lm_head in the float dtype (better top-1 at a coarse block)")
     p.add_argument("--quality-seqs", type=int, default=16,
                    help="held-out windows scored by a quantized export's verify (default: %(default)s)")
     a = p.parse_args(argv)
+    if a.float_lm_head and not a.quantize:
+        raise ModelError("--float-lm-head needs --quantize")
     if a.verify_steps < 1 or a.parity_cases < 0 or a.quality_seqs < 1:
         raise ModelError("--verify-steps and --quality-seqs must be >= 1 and --parity-cases >= 0")
     export_artifact(a.model, a.out, dtype=a.dtype, opset=a.opset, graph=a.graph, max_seq_len=a.max_seq_len,
                     all_logits=a.all_logits, force=a.force, verify=not a.no_verify, verify_steps=a.verify_steps,
                     parity_cases=a.parity_cases, quantize=a.quantize, quant_block=a.quant_block,
+                    quant_lm_head=not a.float_lm_head,
                     quality_seqs=a.quality_seqs, log=lambda s: print(s, flush=True))
     return 0
 

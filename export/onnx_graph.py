@@ -47,7 +47,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export.quantize import EMBEDDING_BITS, pack_int4, quantize_blocks
+from export.quantize import embedding_bits, pack_int4, quantize_blocks
 from model.artifact import (
     KV_KINDS,
     LOGITS,
@@ -112,7 +112,8 @@ class _Builder:
 def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: ExportSpec) -> onnx.ModelProto:
     """state: the GPT state_dict (fp32). Returns the ONNX model (weights inline) that spec describes.
     spec.quantize: weight-only quantization of every Linear and the lm_head (DequantizeLinear(block_size) ->
-    MatMul, export/quantize.py); the token embedding then becomes an int8 table (Gather -> DequantizeLinear)."""
+    MatMul, export/quantize.py); in the ort graph the token embedding becomes an int8 table (Gather ->
+    DequantizeLinear), in the graphs TensorRT parses it stays a float Gather (quantize.embedding_bits)."""
     spec.check_model(config)
     graph, dtype, all_logits = spec.graph, spec.dtype, spec.logits == "all"
     quantized, bits, block = spec.quantize is not None, spec.quant_bits, spec.quant_block
@@ -155,9 +156,9 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
         return b.op("Gemm", [x, W(f"{prefix}.weight"), *bias], transB=1)
 
     def lm_head(h: str) -> str:
-        if quantized:  # its own copy of wte, quantized like a Linear (the embedding table is int8)
+        if quantized and spec.quant_lm_head:  # its own copy of wte, quantized like a Linear
             return matmul_weight(h, "lm_head.weight", state["transformer.wte.weight"])
-        return b.op("Gemm", [h, wte], transB=1)
+        return b.op("Gemm", [h, wte if emb_bits is None else W("transformer.wte.weight")], transB=1)
 
     def layer_norm(x: str, prefix: str) -> str:
         bias = [W(f"{prefix}.bias")] if c.bias else []
@@ -192,11 +193,12 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
 
     # ---- embeddings -> residual stream x [B*S, C]
     wpe = W("transformer.wpe.weight")
-    if not quantized:
+    emb_bits = embedding_bits(spec)
+    if emb_bits is None:
         wte = W("transformer.wte.weight")
         tokens = b.op("Gather", [wte, "input_ids"])
     else:  # rows of the int8 table and their block scales -> [B, S, C]
-        q, scale = b.quantized("transformer.wte.weight", state["transformer.wte.weight"], EMBEDDING_BITS,
+        q, scale = b.quantized("transformer.wte.weight", state["transformer.wte.weight"], emb_bits,
                                block, np_dtype, transpose=False)
         tokens = b.op("DequantizeLinear", [b.op("Gather", [q, "input_ids"]), b.op("Gather", [scale, "input_ids"])],
                       axis=2, block_size=block)

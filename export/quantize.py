@@ -13,17 +13,18 @@ layout) with scales [in / block, out], and dequantizes it with the standard opse
 - ONNX Runtime's CPU optimizer fuses that pair into com.microsoft.MatMulNBits (bits 4 or 8,
   accuracy_level 4 by default: int8 activations, int32 accumulation), as the export's verify step checks
   (export/onnx.py count_ort_optimized);
-- TensorRT cannot build these graphs, and export.trt refuses them (the TensorRT-parser lint,
-  export/trt_lint.py, names the rule and its source): block dequantization is only for FP4/FP8/INT4
-  (NvInfer.h IDequantizeLayer), so int8 fails at any block; INT4 blocks must be 64 or 128 (TensorRT docs,
-  quantized-types-schemes.html), and onnx-tensorrt infers the block from the scale shape rather than reading
-  block_size; the int8 embedding Gather is not a TensorRT Gather type (onnx-tensorrt docs/operators.md).
-  A TensorRT variant would need INT4 block 64/128 (or INT8 per-channel scales) on constant weights and a
-  float embedding table.
+- TensorRT builds the fused (and decomposed) graph at int4 block 64 or 128, the only INT4 blocks it takes
+  (TensorRT docs, quantized-types-schemes.html); export.trt refuses the rest, naming the rule (the
+  TensorRT-parser lint, export/trt_lint.py): block dequantization is only for FP4/FP8/INT4 (NvInfer.h
+  IDequantizeLayer), so int8 fails at any block, and int4 fails at blocks other than 64/128 (onnx-tensorrt
+  infers the block from the scale shape rather than reading block_size). The ort graph (com.microsoft
+  operators) is ONNX Runtime's only.
 
-The token embedding is a lookup, not a matmul: its table is stored as int8 [vocab, n_embd] with
-per-block scales along n_embd, gathered by row and dequantized (Gather -> DequantizeLinear). The tied
-lm_head uses its own copy of wte quantized like every other Linear.
+The token embedding is a lookup, not a matmul. In the ort graph its table is stored as int8 [vocab, n_embd]
+with per-block scales along n_embd, gathered by row and dequantized (Gather -> DequantizeLinear); the graphs
+TensorRT parses keep it in the float dtype (TensorRT's Gather takes no INT8, onnx-tensorrt docs/operators.md:76,
+and its block dequantization is weights-only, not a gathered activation). Either way the tied lm_head uses its
+own copy of wte quantized like every other Linear.
 """
 
 from __future__ import annotations
@@ -37,21 +38,34 @@ import torch
 from model.artifact import ExportSpec
 
 QMAX = {8: 127, 4: 7}
-EMBEDDING_BITS = 8  # the embedding table is read one row per token: int8 costs nothing per step
+EMBEDDING_BITS = 8  # the ort graph's embedding table, read one row per token: int8 costs nothing per step
+TRT_INT4_BLOCKS = (64, 128)  # the INT4 blocks TensorRT takes (export/trt_lint.py int4-block-size)
+
+
+def embedding_bits(spec: ExportSpec) -> int | None:
+    """Bits of a quantized graph's token-embedding table: int8 in the ort graph, None (the float dtype) in the
+    graphs TensorRT parses, whose Gather takes no INT8. None for a float export."""
+    return EMBEDDING_BITS if spec.quantize is not None and spec.graph == "ort" else None
 SCALE_SEARCH_LOW, SCALE_SEARCH_STEPS = 0.7, 8  # quantize_blocks' per-block scale search
 
 
 def quant_record(spec: ExportSpec) -> dict[str, Any]:
     """What config.json's record says about a quantized graph (docs/quantization.md)."""
+    emb = embedding_bits(spec)
+    trt_ok = spec.graph != "ort" and spec.quant_bits == 4 and spec.quant_block in TRT_INT4_BLOCKS
     return {"bits": spec.quant_bits, "block_size": spec.quant_block, "symmetric": True,
-            "embedding_bits": EMBEDDING_BITS, "method": "round to nearest, scale = max |w| of the block / qmax",
+            "embedding_bits": emb, "method": "round to nearest, scale = max |w| of the block / qmax",
             "graph": "DequantizeLinear(INT4|INT8 [in, out], scale [in / block, out], axis=0, block_size) -> MatMul; "
-                     "token embedding: Gather(INT8 [vocab, n_embd]) -> DequantizeLinear(axis=2, block_size)",
-            "quantized": "every Linear and the lm_head (its own copy of wte); wte table int8; wpe, LayerNorm, "
-                         "biases in the float dtype",
+                     "token embedding: " + ("Gather(INT8 [vocab, n_embd]) -> DequantizeLinear(axis=2, block_size)"
+                                            if emb else f"Gather({spec.dtype} [vocab, n_embd])"),
+            "quantized": "every Linear" + (" and the lm_head (its own copy of wte)" if spec.quant_lm_head else
+                                           f"; lm_head in {spec.dtype} (Gemm with wte)") + "; wte table "
+                         + (f"int{emb}" if emb else spec.dtype) + "; wpe, LayerNorm, biases in the float dtype",
             "onnxruntime": "its CPU optimizer fuses each DequantizeLinear -> MatMul pair into com.microsoft."
                            "MatMulNBits (accuracy_level 4: int8 activations, int32 accumulation)",
-            "tensorrt": "not buildable (int8 block scales, int8 Gather; INT4 blocks only 64/128): export.trt refuses"}
+            "tensorrt": "buildable: weight-only INT4 blocks 64/128 on constant weights, float Gather" if trt_ok else
+                        "not buildable (TensorRT takes int4 blocks 64/128 only, in the fused or decomposed graph): "
+                        "export.trt refuses, naming the rule"}
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int, search: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +122,9 @@ def unpack_int4(raw: bytes, count: int) -> np.ndarray:
 
 def quantized_reference(model: Any, spec: ExportSpec) -> Any:
     """A copy of the torch GPT that computes exactly what the quantized graph computes (up to fp32 rounding, with
-    ONNX Runtime's fp32 MatMulNBits path): every Linear fake-quantized, lm_head untied and fake-quantized with
-    spec, the embedding table fake-quantized to int8. Used to check the graph, not its quality."""
+    ONNX Runtime's fp32 MatMulNBits path): every Linear fake-quantized; lm_head untied and fake-quantized with
+    spec (spec.quant_lm_head False: float and tied); the embedding table fake-quantized to int8 in the ort graph,
+    float in the others (embedding_bits). Used to check the graph, not its quality."""
     bits, block = spec.quant_bits, spec.quant_block
     ref = copy.deepcopy(model)
     wte = model.transformer.wte.weight
@@ -117,7 +132,9 @@ def quantized_reference(model: Any, spec: ExportSpec) -> Any:
         for name, module in ref.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 module.weight.copy_(fake_quantize(module.weight, bits, block))
-        ref.lm_head.weight = torch.nn.Parameter(fake_quantize(wte, bits, block), requires_grad=False)
-        ref.transformer.wte.weight = torch.nn.Parameter(fake_quantize(wte, EMBEDDING_BITS, block),
-                                                        requires_grad=False)
+        if spec.quant_lm_head:
+            ref.lm_head.weight = torch.nn.Parameter(fake_quantize(wte, bits, block), requires_grad=False)
+        emb = embedding_bits(spec)
+        if emb is not None:
+            ref.transformer.wte.weight = torch.nn.Parameter(fake_quantize(wte, emb, block), requires_grad=False)
     return ref.eval()

@@ -113,6 +113,9 @@ class ExportSpec:
     logits: str = "last"  # "last": [batch, 1, vocab]; "all": [batch, seq, vocab]
     quantize: str | None = None  # weight-only "int8" | "int4" (export/quantize.py), or None
     quant_block: int | None = None  # input features per quantization block (only with quantize)
+    # with quantize: the lm_head quantized like every Linear (True) or kept in the float dtype, a Gemm with wte
+    # (False: the quality fix for a block too coarse, docs/quantization.md); True without quantize
+    quant_lm_head: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -131,8 +134,8 @@ class ExportSpec:
         if self.logits not in LOGITS_KINDS:
             raise ValueError(f"logits {self.logits!r} is not {' or '.join(LOGITS_KINDS)}")
         if self.quantize is None:
-            if self.quant_block is not None:
-                raise ValueError("quant_block needs quantize int8|int4")
+            if self.quant_block is not None or not self.quant_lm_head:
+                raise ValueError("quant_block and a float lm_head need quantize int8|int4")
             return
         if self.quantize not in QUANT_BITS:
             raise ValueError(f"quantize {self.quantize!r} is not one of {', '.join(QUANT_BITS)}")
@@ -146,7 +149,8 @@ class ExportSpec:
     @classmethod
     def for_model(cls, config: GPTConfig, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
                   graph: str | None = None, max_seq_len: int | None = None, all_logits: bool = False,
-                  quantize: str | None = None, quant_block: int | None = None) -> ExportSpec:
+                  quantize: str | None = None, quant_block: int | None = None,
+                  quant_lm_head: bool = True) -> ExportSpec:
         """The spec for exporting a model of `config`: graph defaults to ort for a quantized export (when the model's
         head_dim allows it), else to fused at opset >= 23, decomposed below; max_seq_len to the block_size,
         quant_block (with quantize) to DEFAULT_QUANT_BLOCK. ValueError on a bad choice."""
@@ -156,7 +160,8 @@ class ExportSpec:
         spec = cls(dtype=dtype, opset=opset, graph=graph,
                    max_seq_len=config.block_size if max_seq_len is None else max_seq_len,
                    logits="all" if all_logits else "last", quantize=quantize,
-                   quant_block=DEFAULT_QUANT_BLOCK if quantize is not None and quant_block is None else quant_block)
+                   quant_block=DEFAULT_QUANT_BLOCK if quantize is not None and quant_block is None else quant_block,
+                   quant_lm_head=quant_lm_head)
         spec.check_model(config)
         return spec
 

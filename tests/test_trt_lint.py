@@ -1,6 +1,6 @@
 """The TensorRT-parser lint (export/trt_lint.py): it catches defect 1 on the graph the old exporter wrote, passes
-every variant we export today, refuses today's int8/int4 graphs naming the rule, and each rule fires on the slip
-it is there for. No TensorRT needed."""
+every variant we export today (int4 at block 64/128 included), refuses the other int8/int4 graphs naming the rule,
+and each rule fires on the slip it is there for. No TensorRT needed."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ PLUGIN_CHOICES = [("attention", "gelu"), ("attention",), ("gelu",)]
 
 
 def _graph(dtype: str = "float32", opset: int = 23, quantize: str | None = None, block: int | None = None,
-           all_logits: bool = False, **config) -> onnx.ModelProto:
+           all_logits: bool = False, quant_lm_head: bool = True, **config) -> onnx.ModelProto:
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("tiny", **config)).eval()
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     spec = ExportSpec.for_model(model.config, dtype=dtype, opset=opset, quantize=quantize, quant_block=block,
-                                all_logits=all_logits, graph="fused" if opset >= 23 else None)  # not the ort graph
+                                all_logits=all_logits, graph="fused" if opset >= 23 else "decomposed",
+                                quant_lm_head=quant_lm_head)  # not the ort graph
     return build_gpt_graph(model.config, state, spec)
 
 
@@ -62,18 +63,45 @@ def test_every_float_variant_we_export_passes(dtype, opset, config):
             assert lint_model(to_plugin_graph(g, plugins)) == [], plugins
 
 
-@pytest.mark.parametrize("quantize, block, rules", [
-    ("int8", 32, {"op-types", "dequantize-block-type", "dequantize-weights-only"}),
-    ("int4", 32, {"op-types", "dequantize-block-type", "dequantize-weights-only", "int4-block-size"}),
-    ("int4", 64, {"op-types", "dequantize-block-type", "dequantize-weights-only"}),
+@pytest.mark.parametrize("opset", [23, 21])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("block, quant_lm_head, config", [(64, True, {}), (64, False, {"bias": False}),
+                                                          (128, True, {"n_embd": 128})])
+def test_int4_at_trt_blocks_passes(opset, dtype, block, quant_lm_head, config):
+    """Weight-only INT4 at block 64/128 on constant weights, the token embedding a float Gather (fused and
+    decomposed graphs, lm_head quantized or float), and each plugin graph made from the fused one (the GELU
+    plugin takes the MatMul -> Add(bias) -> Gelu of a quantized graph, or adds a zero bias)."""
+    g = _graph(dtype, opset, quantize="int4", block=block, quant_lm_head=quant_lm_head, **config)
+    assert lint_model(g) == []
+    gather = next(n for n in g.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    assert gather.input[0] == "transformer.wte.weight"  # the float table itself, not an INT8 one
+    if opset >= 23:
+        for plugins in PLUGIN_CHOICES:
+            pg = to_plugin_graph(g, plugins)
+            assert lint_model(pg) == [], plugins
+            assert sum(n.op_type == "bias_gelu" for n in pg.graph.node) == (2 if "gelu" in plugins else 0)
+
+
+@pytest.mark.parametrize("quantize, block, rule", [
+    ("int8", 32, "dequantize-block-type"), ("int8", 64, "dequantize-block-type"), ("int4", 32, "int4-block-size"),
 ])
-def test_todays_quantized_graphs_are_refused_naming_the_rule(quantize, block, rules):
-    """The INT8 embedding table feeds a Gather (operators.md:76), its DequantizeLinear has INT8 block scales
-    on an activation; int8 Linears have INT8 block scales; int4 at block 32 is not 64/128."""
+def test_other_quantized_graphs_are_refused_naming_the_rule(quantize, block, rule):
+    """int8 Linears have INT8 block scales (block dequantization takes INT4/FP8/FP4 only); int4 at block 32 is
+    not 64/128. The embedding is a float Gather, so nothing else is found."""
     findings = lint_model(_graph(opset=23, quantize=quantize, block=block))
-    assert {f.rule.name for f in findings} == rules
-    first = findings[0]
-    assert first.rule.name == "op-types" and first.line().startswith("rule op-types (docs/operators.md:76 @")
+    assert {f.rule.name for f in findings} == {rule}
+    assert len(findings) == 4 * 2 + 1  # every Linear of the tiny model's 2 layers + lm_head
+
+
+def test_int8_embedding_gather_is_refused():
+    """The ort graph's INT8 embedding table, had it been put in a fused graph: Gather takes no INT8
+    (operators.md:76), and the gathered rows are an activation TensorRT cannot block-dequantize."""
+    g = _graph(opset=23, quantize="int4", block=64)
+    gather = next(n for n in g.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    wte = next(t for t in g.graph.initializer if t.name == gather.input[0])
+    wte.data_type = TensorProto.INT8
+    findings = lint_model(g)
+    assert findings[0].line().startswith("rule op-types (docs/operators.md:76 @")
 
 
 def _first(model: onnx.ModelProto, op_type: str) -> onnx.NodeProto:

@@ -134,12 +134,17 @@ def to_plugin_graph(model: onnx.ModelProto, plugins: tuple[str, ...] = ("attenti
                 trimmed = helper.make_node("Gemm", list(gemm.input[:2]), list(gemm.output), name=gemm.name)
                 trimmed.attribute.extend(a for a in gemm.attribute if a.name != "beta")
                 replace[id(gemm)] = [trimmed]
+            add = gemm if gemm is not None and gemm.op_type == "Add" and len(consumers.get(x, [])) == 1 else None
+            if add is not None and add.input[1] in inits and len(inits[add.input[1]].dims) == 1:
+                x, bias = add.input[0], add.input[1]  # a quantized graph's MatMul -> Add(bias) -> Gelu
+                replace[id(add)] = []
             if bias is None:  # no bias to fold: add zeros, so the plugin has one signature
-                width = _last_dim(gemm, inits) if fusable else None
+                width = _last_dim(gemm, inits) if fusable else _dequantized_width(gemm, producers, inits)
                 if width is None:
                     raise GraphPassError(f"{gelu.name}: cannot tell the width of {x} for the GELU plugin's bias")
                 bias = f"const.{gelu.name}.zero_bias"
-                dtype = inits[gemm.input[1]].data_type
+                w = gemm.input[1]  # the weight, or a quantized graph's DequantizeLinear: its scale has the dtype
+                dtype = inits[w if w in inits else producers[w].input[1]].data_type
                 g.initializer.append(numpy_helper.from_array(
                     np.zeros(width, helper.tensor_dtype_to_np_dtype(dtype)), bias))
             plugin = helper.make_node(GELU_PLUGIN, [x, bias], list(gelu.output), name=f"{GELU_PLUGIN}_{gelu.name}",
@@ -184,6 +189,14 @@ def _last_dim(gemm: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int |
     if w is None or len(w.dims) != 2:
         return None
     return int(w.dims[0] if _attr(gemm, "transB", 0) else w.dims[1])
+
+
+def _dequantized_width(matmul: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto],
+                       inits: dict[str, onnx.TensorProto]) -> int | None:
+    """A quantized graph's MatMul(x, DequantizeLinear(q [in, out], scale)): out."""
+    dq = producers.get(matmul.input[1]) if matmul is not None and matmul.op_type == "MatMul" else None
+    q = inits.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    return int(q.dims[1]) if q is not None and len(q.dims) == 2 else None
 
 
 def _swap_cache_io(g: onnx.GraphProto, n_layer: int) -> None:
