@@ -134,8 +134,10 @@ class ExportSpec:
         if self.logits not in LOGITS_KINDS:
             raise ValueError(f"logits {self.logits!r} is not {' or '.join(LOGITS_KINDS)}")
         if self.quantize is None:
-            if self.quant_block is not None or not self.quant_lm_head:
-                raise ValueError("quant_block and a float lm_head need quantize int8|int4")
+            if self.quant_block is not None:
+                raise ValueError("quant_block needs quantize int8|int4")
+            if not self.quant_lm_head:
+                raise ValueError("a float lm_head (quant_lm_head False) needs quantize int8|int4")
             return
         if self.quantize not in QUANT_BITS:
             raise ValueError(f"quantize {self.quantize!r} is not one of {', '.join(QUANT_BITS)}")
