@@ -202,14 +202,19 @@ def prepare_artifact(model_src: str, kind: str, cache: Path) -> Path:
 
 def artifact_weight_bytes(artifact: Path) -> dict[str, int]:
     """model.onnx's size, and the weight bytes one decode step reads: every initializer, except that of the
-    position table and of an int8 token-embedding table (quantized graphs) only one row per token is read."""
+    position table and of the token-embedding table of a quantized graph (int8, or float beside a quantized lm_head)
+    only one row per token is read."""
     proto = onnx.load(str(artifact / MODEL_FILE), load_external_data=True)
     sizes = {t.name: len(t.raw_data) for t in proto.graph.initializer}
     dims = {t.name: list(t.dims) for t in proto.graph.initializer}
     per_token = sum(sizes.values())
-    # (an fp32 graph's wte is the lm_head too: read whole)
+    # (an fp32 graph's wte is the lm_head too: read whole; a quantized lm_head has its own copy, so a quantized
+    # fused graph's float wte is only gathered)
     wte = "transformer.wte.weight"
-    for name in ("transformer.wpe.weight", wte + Q_SUFFIX, wte + SCALE_SUFFIX):
+    rowwise = ["transformer.wpe.weight", wte + Q_SUFFIX, wte + SCALE_SUFFIX]
+    if "lm_head.weight" + Q_SUFFIX in sizes:
+        rowwise.append(wte)
+    for name in rowwise:
         if name in sizes:
             per_token -= sizes[name] - sizes[name] // dims[name][0]
     files = sum(f.stat().st_size for f in artifact.iterdir() if f.name.startswith(MODEL_FILE))
