@@ -2,7 +2,7 @@
 
     python -m export.onnx --model SRC --out DIR [--dtype float32|float16] [--opset N]
                           [--graph fused|decomposed|ort] [--max-seq-len N] [--all-logits] [--force]
-                          [--quantize int8|int4 [--quant-block N]]
+                          [--quantize int8|int4 [--quant-block N] [--float-lm-head]]
 
 SRC: demo, a Hugging Face GPT-2 folder or hub id, a nanoGPT ckpt.pt, or an artifact folder.
 Opset >= 23 gives the fused graph (Attention + Gelu + LayerNormalization); opset 17..22 the
@@ -10,8 +10,9 @@ decomposed one; --graph ort (the default with --quantize) ONNX Runtime's own fus
 in-place KV cache, which only ONNX Runtime runs. The artifact contract is model/artifact.py
 (docs/onnx-contract.md); the graph is built by
 export/onnx_graph.py. --quantize gives a weight-only quantized graph (export/quantize.py), verified for
-quality on held-out text (export/quality.py). The verify step runs the graph with ONNX Runtime itself
-(export/session.py), not through the runtime's backends.
+quality on held-out text (export/quality.py); TensorRT takes one only as int4 at block 64 or 128 with --graph
+fused (docs/quantization.md). The verify step runs the graph with ONNX Runtime itself (export/session.py), not
+through the runtime's backends.
 """
 
 from __future__ import annotations
