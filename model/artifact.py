@@ -208,6 +208,8 @@ class ExportSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExportSpec:
+        if isinstance(d, dict) and "quant_lm_head" not in d:  # written before the field existed: lm_head quantized
+            d = {**d, "quant_lm_head": True}
         return cls(**_exact_fields(cls, d))
 
 
