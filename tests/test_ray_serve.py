@@ -1,0 +1,312 @@
+"""runtime.ray_serve on a real two-node Ray cluster on this machine (ray.cluster_utils.Cluster, one module-wide),
+driven through Ray's HTTP proxy on a free 127.0.0.1 port with the official `openai` client and plain HTTP:
+parity with runtime.generate on the same artifact across 2 replicas on 2 nodes, the OpenAI surface, replica
+failover under load, autoscaling. Every wait and request here is bounded in time."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from benchmarks.serve import free_loopback_port
+from model.errors import ModelError
+from runtime import ray_serve as rs
+from runtime.loop import SamplingParams, generate
+from runtime.open_backend import open_backend
+
+ray = pytest.importorskip("ray", reason="Ray Serve is the `cluster` extra: pip install -e '.[cluster]'")
+serve = pytest.importorskip("ray.serve")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KEY = "ray-key-123"
+TIMEOUT_S = 60  # any one request
+WAIT_S = 90  # any one change of the cluster's state
+PROMPTS = ["ROMEO:\n", "KING HENRY VI:\nO God! methinks it were a happy life,", "A", "JULIET:\n",
+           "First Citizen:\nBefore we proceed any further, hear me speak.\n", "MENENIUS:\nWhy, masters,"]
+# Ray's autoscaling metrics every 0.5 s instead of 10 s, so that a burst is seen within seconds
+FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes on this machine, each with one `replica_slot`: a replica takes one, so 2 replicas = 2 nodes."""
+    env = {**rs.local_ray_env(), **FAST_METRICS}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the nodes' processes inherit it
+    node = dict(num_cpus=2, resources={"replica_slot": 1})
+    c = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    c.add_node(**node)
+    ray.init(address=c.address, log_to_driver=False)
+    port = free_loopback_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def spec_for(demo_onnx, max_batch: int) -> rs.ReplicaSpec:
+    return rs.ReplicaSpec(model=str(demo_onnx), backend="onnxruntime", threads=1, max_batch=max_batch, api_key=KEY,
+                          served_model_name="demo", artifact_sha256=rs.artifact_digest(str(demo_onnx)))
+
+
+def one_per_node(options: dict) -> dict:
+    return {**options, "ray_actor_options": {"num_cpus": 0.5, "resources": {"replica_slot": 1}}}
+
+
+def deploy(spec: rs.ReplicaSpec, options: dict) -> None:
+    serve.run(rs.build_app(spec, options), name=rs.APP_NAME, route_prefix="/")
+
+
+def running_replicas() -> int:
+    d = serve.status().applications[rs.APP_NAME].deployments[rs.DEPLOYMENT_NAME]
+    return d.replica_states.get("RUNNING", 0)
+
+
+def wait_for(predicate, what: str, timeout: float = WAIT_S) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.25)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def two_replicas(cluster, demo_onnx):
+    deploy(spec_for(demo_onnx, 4), one_per_node(rs.deployment_options(spec_for(demo_onnx, 4), replicas=2)))
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cli_backend(demo_onnx):
+    return open_backend("onnxruntime", str(demo_onnx), threads=1)
+
+
+def cli_text(backend, prompt: str, n: int) -> str:
+    """What runtime.generate gives for this prompt alone, greedy."""
+    return generate(backend, [backend.tokenizer.encode(prompt)], SamplingParams(max_new_tokens=n, greedy=True)).texts[0]
+
+
+def test_two_replicas_on_two_nodes_return_the_cli_tokens(two_replicas, cli_backend):
+    assert running_replicas() == 2
+    assert ray.cluster_resources()["replica_slot"] == 2 and ray.available_resources().get("replica_slot", 0) == 0
+    client = openai.OpenAI(base_url=two_replicas + "/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT_S)
+    jobs = [(p, n, i % 2 == 0) for i, (p, n) in enumerate(zip(PROMPTS * 2, (100, 60, 110, 45, 60, 75) * 2))]
+
+    def run(job) -> tuple[str, str]:
+        prompt, n, stream = job
+        raw = client.completions.with_raw_response.create(model="demo", prompt=prompt, max_tokens=n, temperature=0,
+                                                          stream=stream)
+        r = raw.parse()
+        text = "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
+        return text, raw.headers[rs.REPLICA_HEADER]
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs, timeout=2 * TIMEOUT_S))
+    for (prompt, n, _), (text, _) in zip(jobs, results):
+        assert text == cli_text(cli_backend, prompt, n), prompt
+    replicas = {r for _, r in results}
+    print(f"\n{len(jobs)} concurrent requests, served by {sorted(replicas)}")
+    assert len(replicas) == 2
+
+
+def test_openai_surface_through_the_proxy(two_replicas):
+    url = two_replicas
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT_S)
+    assert [m.id for m in client.models.list().data] == ["demo"]
+    r = httpx.get(url + "/health", timeout=TIMEOUT_S)
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.headers[rs.REPLICA_HEADER]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=TIMEOUT_S).models.list()
+    for kwargs, status, fragment in ((dict(max_tokens=200), 400, "sliding_window"),
+                                     (dict(model="gpt-4"), 404, "not served here"),
+                                     (dict(extra_body={"unknown_field": 1}), 400, "unknown_field")):
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(**(dict(model="demo", prompt="ROMEO:\n", max_tokens=10) | kwargs))
+        assert e.value.status_code == status and fragment in e.value.body["message"]
+    big = json.dumps({"model": "demo", "prompt": "a" * (2 << 20), "max_tokens": 1})
+    r = httpx.post(url + "/v1/completions", content=big, timeout=TIMEOUT_S,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+    with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=TIMEOUT_S,
+                      json={"prompt": "A", "max_tokens": 12, "temperature": 0, "stream": True}) as s:
+        lines = [x for x in s.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 12
+    r = httpx.get(url + "/metrics", timeout=TIMEOUT_S)  # the answering replica's own registry
+    assert r.status_code == 200 and "gptdeploy_batch_capacity 4.0" in r.text
+
+
+class Load:
+    """Clients sending greedy requests back to back (every other one streaming), sorting each outcome:
+    completed (the CLI's text), failed (a 5xx with a JSON error body, or a stream ended by a JSON error
+    event and [DONE]) or lost (anything else: a timeout, a cut connection, a wrong text, another error)."""
+
+    def __init__(self, url: str, expected: dict[tuple[str, int], str], clients: int) -> None:
+        self.url, self.expected, self.clients = url, expected, clients
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.completed = self.failed = self.lost = 0
+        self.replicas: list[tuple[float, str]] = []  # (time, replica) of each completed request
+        self.lost_reasons: list[str] = []
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(2 * TIMEOUT_S)
+        assert not any(t.is_alive() for t in self.threads), "a client hung past its timeout"
+
+    def _client(self, i: int) -> None:
+        jobs = list(self.expected)
+        with httpx.Client(timeout=TIMEOUT_S, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            k = i
+            while not self.stop.is_set():
+                prompt, n = jobs[k % len(jobs)]
+                outcome, replica = self._one(http, prompt, n, stream=k % 2 == 1)
+                with self.lock:
+                    if outcome == "completed":
+                        self.completed += 1
+                        self.replicas.append((time.monotonic(), replica))
+                    elif outcome == "failed":
+                        self.failed += 1
+                    else:
+                        self.lost += 1
+                        self.lost_reasons.append(outcome)
+                k += 1
+
+    def _one(self, http: httpx.Client, prompt: str, n: int, stream: bool) -> tuple[str, str]:
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": stream}
+        want = self.expected[(prompt, n)]
+        try:
+            if not stream:
+                r = http.post(self.url + "/v1/completions", json=body)
+                if r.status_code >= 500:
+                    return ("failed" if "message" in r.json()["error"] else f"5xx {r.text[:80]}"), ""
+                if r.status_code != 200:
+                    return f"status {r.status_code}", ""
+                text = r.json()["choices"][0]["text"]
+                return ("completed" if text == want else f"wrong text {text!r}"), r.headers[rs.REPLICA_HEADER]
+            with http.stream("POST", self.url + "/v1/completions", json=body) as r:
+                if r.status_code >= 500:
+                    r.read()
+                    return ("failed" if "message" in r.json()["error"] else f"5xx {r.text[:80]}"), ""
+                lines = [x for x in r.iter_lines() if x]
+            if lines[-1:] != ["data: [DONE]"]:
+                return f"stream cut after {len(lines)} events", ""
+            events = [json.loads(x[6:]) for x in lines[:-1]]
+            if "error" in events[-1]:
+                return "failed", ""
+            text = "".join(c["text"] for e in events for c in e["choices"])
+            return ("completed" if text == want else f"wrong text {text!r}"), r.headers[rs.REPLICA_HEADER]
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            return f"{type(e).__name__}: {e}", ""
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return {"completed": self.completed, "failed": self.failed, "lost": self.lost}
+
+
+@pytest.mark.slow
+def test_failover_kill_a_replica_under_load(two_replicas, cli_backend):
+    expected = {(p, n): cli_text(cli_backend, p, n) for p, n in zip(PROMPTS, (60, 40, 70, 50, 45, 65))}
+    with Load(two_replicas, expected, clients=6) as load:
+        wait_for(lambda: load.counts()["completed"] >= 6, "steady load")
+        before = {r for _, r in load.replicas}
+        victim = load.replicas[-1][1]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        killed_at = time.monotonic()
+        at_kill = load.counts()
+        # whole again: 2 replicas running, and a new one (neither the victim nor the survivor) has answered
+        recovered = wait_for(lambda: running_replicas() == 2 and any(
+            t > killed_at and r not in before for t, r in load.replicas), "a replacement replica serving")
+        after_recovery = load.counts()["completed"]
+        wait_for(lambda: load.counts()["completed"] >= after_recovery + 6, "load after recovery")
+    counts = load.counts()
+    print(f"\nfailover: killed {victim} after {at_kill['completed']} completed; replacement serving after "
+          f"{recovered:.1f}s; totals {counts}")
+    assert counts["lost"] == 0, load.lost_reasons[:5]
+    assert counts["completed"] > after_recovery
+    assert victim not in {r for t, r in load.replicas if t > killed_at + recovered}
+
+
+@pytest.mark.slow
+def test_autoscaling_burst_up_then_back_down(cluster, demo_onnx, cli_backend):
+    serve.delete(rs.APP_NAME)
+    spec = spec_for(demo_onnx, 2)
+    options = one_per_node(rs.deployment_options(spec, min_replicas=1, max_replicas=2))
+    options["autoscaling_config"] |= {"upscale_delay_s": 1.0, "downscale_delay_s": 4.0, "look_back_period_s": 2.0}
+    deploy(spec, options)
+    assert running_replicas() == 1
+    trace: list[tuple[float, int, int]] = []  # (s since the burst, running replicas, completed requests)
+    expected = {(p, 110): cli_text(cli_backend, p, 110) for p in ("ROMEO:\n", "A", "JULIET:\n")}
+    start = time.monotonic()
+
+    def sample(load: Load | None) -> int:
+        n = running_replicas()
+        trace.append((round(time.monotonic() - start, 1), n, load.counts()["completed"] if load else -1))
+        return n
+
+    with Load(cluster, expected, clients=8) as load:  # 8 requests at once, 2 per replica batch: target 4 replicas
+        up = wait_for(lambda: sample(load) == 2, "scale up to 2 replicas", timeout=60)
+    down = wait_for(lambda: sample(None) == 1, "scale back down to 1 replica", timeout=60)
+    print(f"\nautoscaling: up to 2 replicas {up:.1f}s into the burst; back to 1 {down:.1f}s after it; "
+          f"burst {load.counts()}\ntrace (s, running replicas, completed): {trace[::4] + trace[-1:]}")
+    assert load.counts()["lost"] == 0, load.lost_reasons[:5]
+
+
+def test_config_flags_and_artifact_check(tmp_path, demo_onnx):
+    """Without Ray: the options derived from the flags, the serve config written, the replica's artifact check."""
+    spec = spec_for(demo_onnx, 8)
+    fixed = rs.deployment_options(spec, replicas=3)
+    assert (fixed["num_replicas"], fixed["max_ongoing_requests"], fixed["max_queued_requests"]) == (3, 8, 256)
+    auto = rs.deployment_options(spec, min_replicas=1, max_replicas=4)["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (1, 4, 8)
+    out = tmp_path / "app.yaml"
+    assert rs.main(["--model", str(demo_onnx), "--backend", "onnxruntime", "--max-batch", "8", "--min-replicas", "1",
+                    "--max-replicas", "4", "--write-config", str(out)]) == 0
+    import yaml
+
+    app = yaml.safe_load(out.read_text())["applications"][0]
+    assert app["import_path"] == "runtime.ray_serve:app_builder" and app["args"]["max_batch"] == 8
+    assert app["args"]["artifact_sha256"] == rs.artifact_digest(str(demo_onnx))
+    assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
+    rs.check_artifact(spec)  # the artifact as exported passes
+    with pytest.raises(ModelError, match="not the one deployed"):
+        rs.check_artifact(rs.ReplicaSpec(**{**spec.__dict__, "artifact_sha256": "0" * 64}))
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_onnx, copy)
+    with open(copy / "model.onnx", "r+b") as f:  # one byte changed on this node's copy
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ModelError, match="sha256 does not match"):
+        rs.check_artifact(rs.ReplicaSpec(**{**spec.__dict__, "model": str(copy)}))
+    with pytest.raises(ModelError, match="no such artifact folder"):
+        rs.check_artifact(rs.ReplicaSpec(**{**spec.__dict__, "model": str(tmp_path / "missing")}))
+    with pytest.raises(ModelError, match="not both"):
+        rs.main(["--replicas", "2", "--max-replicas", "3", "--write-config", str(out)])
