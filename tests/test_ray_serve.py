@@ -9,6 +9,9 @@ import concurrent.futures
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -310,3 +313,32 @@ def test_config_flags_and_artifact_check(tmp_path, demo_onnx):
         rs.check_artifact(rs.ReplicaSpec(**{**spec.__dict__, "model": str(tmp_path / "missing")}))
     with pytest.raises(ModelError, match="not both"):
         rs.main(["--replicas", "2", "--max-replicas", "3", "--write-config", str(out)])
+
+
+@pytest.mark.slow
+def test_cli_joins_the_cluster_serves_and_leaves_on_sigterm(cluster, demo_onnx, cli_backend):
+    """`python -m runtime.ray_serve --address ...`: deploys onto the running cluster (its proxy), serves the
+    CLI's tokens, and on SIGTERM deletes its application and exits 0."""
+    serve.delete(rs.APP_NAME)
+    env = {**os.environ, "PYTHONPATH": rs.local_ray_env()["PYTHONPATH"]}
+    cmd = [sys.executable, "-m", "runtime.ray_serve", "--address", ray.get_runtime_context().gcs_address,
+           "--model", str(demo_onnx), "--backend", "onnxruntime", "--threads", "1", "--num-cpus", "0.5",
+           "--replicas", "1", "--api-key", KEY, "--served-model-name", "demo"]
+    with subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+            reader.start()
+            wait_for(lambda: any(x.startswith("serving 'demo' on Ray Serve") for x in lines) or proc.poll() is not None,
+                     "the CLI's deployment")
+            assert proc.poll() is None, "".join(lines[-20:])
+            client = openai.OpenAI(base_url=cluster + "/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT_S)
+            r = client.completions.create(model="demo", prompt="JULIET:\n", max_tokens=50, temperature=0)
+            assert r.choices[0].text == cli_text(cli_backend, "JULIET:\n", 50)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(WAIT_S) == 0, "".join(lines[-20:])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert rs.APP_NAME not in serve.status().applications
