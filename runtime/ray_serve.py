@@ -17,6 +17,7 @@ local Ray instance is started and shut down on exit. The artifact path must exis
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,7 @@ DEPLOYMENT_NAME = "gptdeploy"
 REPLICA_HEADER = "x-gptdeploy-replica"
 UPSCALE_DELAY_S = 5.0
 DOWNSCALE_DELAY_S = 60.0
+METRICS_EXPORT_S = 5.0  # how often a replica copies its Prometheus samples into Ray's metrics
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # Ray reads it when a proxy starts
 PROXY_CALLBACK = "runtime.ray_serve:proxy_middlewares"
 
@@ -159,6 +161,50 @@ async def _send_json_error(send: Any, status: int, message: str, headers: list |
     await send({"type": "http.response.body", "body": body})
 
 
+async def scrape(app: Any, path: str = "/metrics") -> str:
+    """GET path from an ASGI app in this process (no socket): the replica reads its own Prometheus text."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    body: list[bytes] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            body.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return b"".join(body).decode()
+
+
+class RayMetrics:
+    """The replica's Prometheus samples (runtime.serve's /metrics) copied into Ray's metrics every export(),
+    as ray.serve.metrics gauges, which Ray tags with the application, deployment and replica: they leave
+    through each node's metrics export port as ray_gptdeploy_*, beside Ray Serve's own ray_serve_*."""
+
+    def __init__(self) -> None:
+        self.gauges: dict[str, Any] = {}
+
+    def export(self, text: str) -> int:
+        from prometheus_client.parser import text_string_to_metric_families
+        from ray.serve.metrics import Gauge
+
+        n = 0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.endswith("_created"):  # creation timestamps: nothing to chart
+                    continue
+                gauge = self.gauges.get(sample.name)
+                if gauge is None:
+                    gauge = self.gauges[sample.name] = Gauge(sample.name, description=family.documentation,
+                                                             tag_keys=tuple(sorted(sample.labels)))
+                gauge.set(sample.value, tags=dict(sample.labels) or None)
+                n += 1
+        return n
+
+
 def proxy_middlewares() -> list:
     """Ray's proxy calls this at start when RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names it (local_ray_env)."""
     from starlette.middleware import Middleware
@@ -183,12 +229,20 @@ def _replica_class():
             backend = open_backend(s.backend, s.model, device=s.device, provider=s.provider, threads=s.threads)
             self.scheduler = Scheduler(backend, s.max_batch, s.max_queue)
             self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
+            self.metrics_task: asyncio.Task | None = None
 
         def __serve_build_asgi_app__(self) -> Any:
             s = self.spec
             app = http.create_app(self.scheduler, http.ServeConfig(model_name=s.model_name, api_key=s.api_key,
                                                                    max_body_bytes=s.max_body_bytes))
+            self.metrics_task = asyncio.get_running_loop().create_task(self._export_metrics(app))
             return ReplicaHeader(app, self.replica_id)
+
+        async def _export_metrics(self, app: Any) -> None:
+            ray_metrics = RayMetrics()
+            while True:
+                ray_metrics.export(await scrape(app))
+                await asyncio.sleep(METRICS_EXPORT_S)
 
         def check_health(self) -> None:  # Ray restarts a replica whose scheduler thread has died
             thread = getattr(self.scheduler, "_thread", None)

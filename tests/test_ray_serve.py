@@ -18,6 +18,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.serve import free_loopback_port
 from model.errors import ModelError
@@ -37,8 +38,9 @@ WAIT_S = 90  # any one change of the cluster's state
 PROMPTS = ["ROMEO:\n", "KING HENRY VI:\nO God! methinks it were a happy life,", "A", "JULIET:\n",
            "First Citizen:\nBefore we proceed any further, hear me speak.\n", "MENENIUS:\nWhy, masters,"]
 # Ray's autoscaling metrics every 0.5 s instead of 10 s, so that a burst is seen within seconds
+# and every node's metrics export each second instead of 10 s
 FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_metrics_report_interval_ms": "1000"}
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +158,37 @@ def test_openai_surface_through_the_proxy(two_replicas):
     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 12
     r = httpx.get(url + "/metrics", timeout=TIMEOUT_S)  # the answering replica's own registry
     assert r.status_code == 200 and "gptdeploy_batch_capacity 4.0" in r.text
+
+
+def test_replica_metrics_leave_through_each_nodes_metrics_export(two_replicas):
+    """Each replica's gptdeploy_* samples, tagged with its replica id, and Ray Serve's own ray_serve_*, on the
+    Prometheus endpoint of each node's metrics agent (ray start --metrics-export-port)."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in nodes]
+
+    def scraped() -> str:
+        return "".join(httpx.get(u, timeout=TIMEOUT_S).text for u in urls)
+
+    def tokens_by_replica() -> dict[str, float]:
+        out = {}
+        for family in text_string_to_metric_families(scraped()):
+            for x in family.samples:
+                if x.name == "ray_gptdeploy_generation_tokens_total":
+                    out[x.labels["replica"]] = x.value
+        return out
+
+    names = ("ray_gptdeploy_batch_capacity", "ray_gptdeploy_time_to_first_token_seconds_bucket",
+             "ray_serve_num_http_requests_total", "ray_serve_deployment_replica_healthy",
+             "ray_serve_replica_processing_queries")
+    try:
+        wait_for(lambda: len(tokens_by_replica()) == 2 and all(x in scraped() for x in names),
+                 "both replicas' token counters and Ray Serve's own metrics", timeout=60)
+    except AssertionError:
+        text = scraped()
+        there = sorted({x.split("{")[0] for x in text.splitlines() if x.startswith("ray_serve")})
+        raise AssertionError(f"missing {[x for x in names if x not in text]}; Ray Serve's there: {there}") from None
+    served = tokens_by_replica()
+    assert all(v > 0 for v in served.values()), served
 
 
 class Load:
