@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelError(f"--min-replicas {args.min_replicas} is above --max-replicas {args.max_replicas}")
     if args.api_key is not None and not args.api_key.strip():
         raise ModelError("--api-key must not be empty")
+    if args.access_log:
+        raise ModelError("--access-log is runtime.serve's; Ray Serve logs every request itself "
+                         "(/tmp/ray/session_latest/logs/serve/ on each node)")
     model = args.model
     if Path(model).is_dir():
         model = str(Path(model).resolve())  # replicas may run elsewhere: an absolute path

@@ -189,6 +189,8 @@ def test_replica_metrics_leave_through_each_nodes_metrics_export(two_replicas):
         raise AssertionError(f"missing {[x for x in names if x not in text]}; Ray Serve's there: {there}") from None
     served = tokens_by_replica()
     assert all(v > 0 for v in served.values()), served
+    print(f"\ngeneration tokens by replica in Ray's metrics: {served}; Ray Serve's there: "
+          f"{sorted({x.split('{')[0] for x in scraped().splitlines() if x.startswith('ray_serve')})}")
 
 
 class Load:
@@ -330,6 +332,10 @@ def test_config_flags_and_artifact_check(tmp_path, demo_onnx):
     assert app["import_path"] == "runtime.ray_serve:app_builder" and app["args"]["max_batch"] == 8
     assert app["args"]["artifact_sha256"] == rs.artifact_digest(str(demo_onnx))
     assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))  # what `serve deploy` checks first
+    assert isinstance(rs.app_builder(app["args"]), serve.Application)  # the import path builds the application from those args
     rs.check_artifact(spec)  # the artifact as exported passes
     with pytest.raises(ModelError, match="not the one deployed"):
         rs.check_artifact(rs.ReplicaSpec(**{**spec.__dict__, "artifact_sha256": "0" * 64}))
