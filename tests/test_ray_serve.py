@@ -388,3 +388,42 @@ def test_cli_joins_the_cluster_serves_and_leaves_on_sigterm(cluster, demo_onnx, 
             if proc.poll() is None:
                 proc.kill()
     assert rs.APP_NAME not in serve.status().applications
+
+
+@pytest.mark.parametrize("case", ["ray_text_503", "no_response", "cut_stream", "json_passes"])
+def test_proxy_errors_become_json(case):
+    """JsonErrors (Ray's proxy middleware) on stand-ins for what the proxy sends, without Ray."""
+    import asyncio
+
+    async def app(scope, receive, send):
+        if case == "ray_text_503":  # Ray's backpressure answer
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": b"Request dropped due to backpressure"})
+        elif case == "cut_stream":  # the replica died after two events
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+            await send({"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True})
+        elif case == "json_passes":
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"error": {"message": "ours"}}'})
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=rs.JsonErrors(app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as c:
+            return await c.post("/v1/completions", json={})
+
+    r = asyncio.run(get())
+    if case == "ray_text_503":
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"] == {"message": "Request dropped due to backpressure", "type": "server_busy_error",
+                                     "param": None, "code": None}
+    elif case == "no_response":
+        assert r.status_code == 500 and "replica serving this request failed" in r.json()["error"]["message"]
+    elif case == "cut_stream":
+        lines = [x for x in r.text.splitlines() if x]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["error"]["type"] == "server_error"
+    else:
+        assert r.status_code == 400 and r.json() == {"error": {"message": "ours"}}
