@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -239,9 +240,14 @@ def _replica_class():
             return ReplicaHeader(app, self.replica_id)
 
         async def _export_metrics(self, app: Any) -> None:
-            ray_metrics = RayMetrics()
+            ray_metrics, warned = RayMetrics(), False
             while True:
-                ray_metrics.export(await scrape(app))
+                try:
+                    ray_metrics.export(await scrape(app))
+                except Exception as e:  # metrics must never take the replica down; say so once in its log
+                    if not warned:
+                        logging.getLogger("ray.serve").warning("gptdeploy metrics export failed: %r", e)
+                        warned = True
                 await asyncio.sleep(METRICS_EXPORT_S)
 
         def check_health(self) -> None:  # Ray restarts a replica whose scheduler thread has died
@@ -297,16 +303,17 @@ def app_builder(args: dict[str, Any]):
 
 def serve_config(spec: ReplicaSpec, options: dict[str, Any], host: str, port: int) -> dict[str, Any]:
     """A config for `serve deploy`: the same application, args and deployment options as the command."""
-    deployment = {k: v for k, v in options.items()}
     return {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port},
             "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "runtime.ray_serve:app_builder",
-                              "args": dataclasses.asdict(spec), "deployments": [deployment]}]}
+                              "args": dataclasses.asdict(spec), "deployments": [dict(options)]}]}
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:
     import yaml
 
     tmp = path.with_name(path.name + ".tmp")
+    if not path.parent.is_dir():
+        raise ModelError(f"{path}: parent folder does not exist")
     tmp.write_text("# serve deploy this file on a cluster whose nodes were started with\n"
                    "# RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=runtime.ray_serve:proxy_middlewares (docs/serving.md)\n"
                    + yaml.safe_dump(config, sort_keys=False))
@@ -340,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                              ("--max-queue", args.max_queue, 1), ("--port", args.port, 0)):
         if value is not None and value < low:
             raise ModelError(f"{flag} must be >= {low}, got {value}")
-    if autoscale and (args.min_replicas or 1) > (args.max_replicas or max(args.min_replicas or 1, 1)):
+    if args.min_replicas is not None and args.max_replicas is not None and args.min_replicas > args.max_replicas:
         raise ModelError(f"--min-replicas {args.min_replicas} is above --max-replicas {args.max_replicas}")
+    if args.num_cpus is not None and not args.num_cpus > 0:
+        raise ModelError(f"--num-cpus must be > 0, got {args.num_cpus}")
     if args.api_key is not None and not args.api_key.strip():
         raise ModelError("--api-key must not be empty")
     if args.access_log:

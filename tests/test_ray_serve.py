@@ -357,8 +357,14 @@ def test_config_flags_and_artifact_check(tmp_path, demo_onnx):
         rs.check_artifact(rs.ReplicaSpec(**{**spec.__dict__, "model": str(copy)}))
     with pytest.raises(ModelError, match="no such artifact folder"):
         rs.check_artifact(rs.ReplicaSpec(**{**spec.__dict__, "model": str(tmp_path / "missing")}))
-    with pytest.raises(ModelError, match="not both"):
-        rs.main(["--replicas", "2", "--max-replicas", "3", "--write-config", str(out)])
+    for flags, message in ((["--replicas", "2", "--max-replicas", "3"], "not both"),
+                           (["--min-replicas", "3", "--max-replicas", "2"], "above --max-replicas"),
+                           (["--replicas", "0"], "--replicas must be >= 1"), (["--access-log"], "Ray Serve logs"),
+                           (["--num-cpus", "0"], "--num-cpus must be > 0")):
+        with pytest.raises(ModelError, match=message):
+            rs.main([*flags, "--write-config", str(out)])
+    with pytest.raises(ModelError, match="parent folder does not exist"):
+        rs.main(["--write-config", str(tmp_path / "no" / "app.yaml")])
 
 
 @pytest.mark.slow
