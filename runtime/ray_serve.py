@@ -39,7 +39,9 @@ DEPLOYMENT_NAME = "gptdeploy"
 REPLICA_HEADER = "x-gptdeploy-replica"
 UPSCALE_DELAY_S = 5.0
 DOWNSCALE_DELAY_S = 60.0
-METRICS_EXPORT_S = 5.0  # how often a replica copies its Prometheus samples into Ray's metrics
+# how often a replica copies its Prometheus samples into Ray's metrics: Ray's metrics agent drops a gauge not set
+# again within 2 of its report intervals (RAY_metrics_report_interval_ms, 10 s by default), so keep it shorter
+METRICS_EXPORT_S = 2.0
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # Ray reads it when a proxy starts
 PROXY_CALLBACK = "runtime.ray_serve:proxy_middlewares"
 
