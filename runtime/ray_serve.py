@@ -33,6 +33,8 @@ from typing import Any
 from model.artifact import CONFIG_FILE, is_artifact, read_artifact
 from model.errors import ModelError, run_cli
 from runtime import serve as http
+from runtime.open_backend import open_backend
+from runtime.scheduler import Scheduler
 
 APP_NAME = "gptdeploy"
 DEPLOYMENT_NAME = "gptdeploy"
@@ -224,9 +226,6 @@ def _replica_class():
         """One Ray Serve replica: one backend, one Scheduler, runtime.serve's app (built on the replica)."""
 
         def __init__(self, spec: dict[str, Any]) -> None:
-            from runtime.open_backend import open_backend
-            from runtime.scheduler import Scheduler
-
             self.spec = s = ReplicaSpec(**spec)
             check_artifact(s)
             backend = open_backend(s.backend, s.model, device=s.device, provider=s.provider, threads=s.threads)
