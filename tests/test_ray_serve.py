@@ -6,6 +6,7 @@ failover under load, autoscaling. Every wait and request here is bounded in time
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import shutil
@@ -330,6 +331,20 @@ def test_autoscaling_burst_up_then_back_down(cluster, demo_onnx, cli_backend):
           f"burst {load.counts()}\ntrace (s since the burst, replicas running, starting, requests completed; "
           f"-1 = after it): {trace}")
     assert load.counts()["lost"] == 0, load.lost_reasons[:5]
+
+
+def test_a_replica_with_another_artifact_never_takes_traffic(cluster, demo_onnx):
+    """The deploying side read one config.json, the node has another: the replica refuses to start and Ray
+    reports the deployment as failed (serve.run raises), so nothing answers on its route."""
+    spec = dataclasses.replace(spec_for(demo_onnx, 2), artifact_sha256="0" * 64)
+    options = {**rs.deployment_options(spec, replicas=1, num_cpus=0.1), "max_constructor_retry_count": 1}
+    with pytest.raises(RuntimeError, match="failed"):
+        serve.run(rs.build_app(spec, options), name="other-artifact", route_prefix="/other")
+    status = serve.status().applications["other-artifact"].deployments[rs.DEPLOYMENT_NAME]
+    assert status.status == "DEPLOY_FAILED" and "is not the one deployed" in status.message, status.message
+    r = httpx.get(cluster + "/other/health", timeout=TIMEOUT_S)
+    assert r.status_code != 200
+    serve.delete("other-artifact")
 
 
 def test_config_flags_and_artifact_check(tmp_path, demo_onnx):
