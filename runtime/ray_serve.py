@@ -139,9 +139,12 @@ class JsonErrors:
                     start, body = state["rewrite"]
                     body.append(message.get("body", b""))
                     if state["ended"]:
+                        headers = [(k, v) for k, v in start.get("headers", [])
+                                   if k.lower() not in (b"content-type", b"content-length")]
+                        if start["status"] == 503 and not any(k.lower() == b"retry-after" for k, _ in headers):
+                            headers.append((b"retry-after", str(http.RETRY_AFTER_S).encode()))  # as runtime.serve's
                         await _send_json_error(send, start["status"], b"".join(body).decode(errors="replace"),
-                                               [(k, v) for k, v in start.get("headers", [])
-                                                if k.lower() not in (b"content-type", b"content-length")])
+                                               headers)
                     return
             await send(message)
 

@@ -347,6 +347,36 @@ def test_a_replica_with_another_artifact_never_takes_traffic(cluster, demo_onnx)
     serve.delete("other-artifact")
 
 
+def test_overflow_beyond_max_queue_is_a_json_503(cluster, demo_onnx):
+    """--max-batch 1 --max-queue 1: one request runs, one waits in Ray's router, the next gets 503 at once (JSON,
+    Retry-After), not a place in an unbounded queue; the waiting one runs when the slot frees."""
+    spec = dataclasses.replace(spec_for(demo_onnx, 1), max_queue=1)
+    serve.run(rs.build_app(spec, rs.deployment_options(spec, replicas=1, num_cpus=0.1)), name="tiny",
+              route_prefix="/tiny")
+    url, auth = cluster + "/tiny/v1/completions", {"Authorization": f"Bearer {KEY}"}
+    long = {"prompt": "ROMEO:\n", "max_tokens": 20000, "temperature": 0, "stream": True, "sliding_window": True}
+    waited: list[int] = []
+
+    def wait_in_queue() -> None:  # its headers come only once it runs
+        with httpx.Client(headers=auth, timeout=TIMEOUT_S) as c, c.stream("POST", url, json=long) as r:
+            waited.append(r.status_code)
+
+    try:
+        with httpx.Client(headers=auth, timeout=TIMEOUT_S) as c, c.stream("POST", url, json=long) as running:
+            lines = running.iter_lines()
+            assert next(lines).startswith("data: ")  # it holds the replica's only slot
+            waiter = threading.Thread(target=wait_in_queue, daemon=True)
+            waiter.start()
+            time.sleep(1.0)  # the second request is in the proxy's queue by now
+            r = httpx.post(url, json={"prompt": "A", "max_tokens": 2}, headers=auth, timeout=TIMEOUT_S)
+            assert r.status_code == 503 and r.json()["error"]["type"] == "server_busy_error", r.text
+            assert r.headers["retry-after"] == "1" and not waited
+        waiter.join(TIMEOUT_S)  # the first stream closed: its row is cancelled and the waiting request runs
+        assert waited == [200]
+    finally:
+        serve.delete("tiny")
+
+
 def test_config_flags_and_artifact_check(tmp_path, demo_onnx):
     """Without Ray: the options derived from the flags, the serve config written, the replica's artifact check."""
     spec = spec_for(demo_onnx, 8)
