@@ -348,31 +348,35 @@ def test_a_replica_with_another_artifact_never_takes_traffic(cluster, demo_onnx)
 
 
 def test_overflow_beyond_max_queue_is_a_json_503(cluster, demo_onnx):
-    """--max-batch 1 --max-queue 1: one request runs, one waits in Ray's router, the next gets 503 at once (JSON,
-    Retry-After), not a place in an unbounded queue; the waiting one runs when the slot frees."""
+    """--max-batch 1 --max-queue 1: with one request running, of two more one waits in Ray's router and the other
+    gets 503 at once (JSON, Retry-After), not a place in an unbounded queue; the waiting one runs when the slot
+    frees."""
     spec = dataclasses.replace(spec_for(demo_onnx, 1), max_queue=1)
     serve.run(rs.build_app(spec, rs.deployment_options(spec, replicas=1, num_cpus=0.1)), name="tiny",
               route_prefix="/tiny")
     url, auth = cluster + "/tiny/v1/completions", {"Authorization": f"Bearer {KEY}"}
     long = {"prompt": "ROMEO:\n", "max_tokens": 20000, "temperature": 0, "stream": True, "sliding_window": True}
-    waited: list[int] = []
+    answers: list[httpx.Response] = []
 
-    def wait_in_queue() -> None:  # its headers come only once it runs
-        with httpx.Client(headers=auth, timeout=TIMEOUT_S) as c, c.stream("POST", url, json=long) as r:
-            waited.append(r.status_code)
+    def post() -> None:
+        answers.append(httpx.post(url, json={"prompt": "A", "max_tokens": 2}, headers=auth, timeout=TIMEOUT_S))
 
     try:
         with httpx.Client(headers=auth, timeout=TIMEOUT_S) as c, c.stream("POST", url, json=long) as running:
             lines = running.iter_lines()
             assert next(lines).startswith("data: ")  # it holds the replica's only slot
-            waiter = threading.Thread(target=wait_in_queue, daemon=True)
-            waiter.start()
-            time.sleep(1.0)  # the second request is in the proxy's queue by now
-            r = httpx.post(url, json={"prompt": "A", "max_tokens": 2}, headers=auth, timeout=TIMEOUT_S)
+            clients = [threading.Thread(target=post, daemon=True) for _ in range(2)]
+            for t in clients:
+                t.start()
+            wait_for(lambda: len(answers) >= 1, "an answer while the slot is taken", timeout=30)
+            time.sleep(1.0)
+            assert len(answers) == 1  # the other one is still waiting
+            r = answers[0]
             assert r.status_code == 503 and r.json()["error"]["type"] == "server_busy_error", r.text
-            assert r.headers["retry-after"] == "1" and not waited
-        waiter.join(TIMEOUT_S)  # the first stream closed: its row is cancelled and the waiting request runs
-        assert waited == [200]
+            assert r.headers["retry-after"] == "1"
+        for t in clients:  # the stream closed: its row is cancelled and the waiting request runs
+            t.join(TIMEOUT_S)
+        assert len(answers) == 2 and answers[1].status_code == 200, answers[1:]
     finally:
         serve.delete("tiny")
 
