@@ -41,7 +41,9 @@ PROMPTS = ["ROMEO:\n", "KING HENRY VI:\nO God! methinks it were a happy life,", 
 # Ray's autoscaling metrics every 0.5 s instead of 10 s, so that a burst is seen within seconds
 # and every node's metrics export every 2 s instead of 10 s (no shorter than the replicas' METRICS_EXPORT_S)
 FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_metrics_report_interval_ms": "2000"}
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_metrics_report_interval_ms": "2000",
+                # the one proxy (below) spreads requests over both nodes' replicas, not its own node's first
+                "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,8 @@ def cluster():
     c.add_node(**node)
     ray.init(address=c.address, log_to_driver=False)
     port = free_loopback_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # one proxy: both nodes are this machine, and Ray's default of a proxy per node would put two on one port
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -198,7 +201,8 @@ def test_replica_metrics_leave_through_each_nodes_metrics_export(two_replicas):
     except AssertionError:
         text = scraped()
         there = sorted({x.split("{")[0] for x in text.splitlines() if x.startswith("ray_serve")})
-        raise AssertionError(f"missing {[x for x in names if x not in text]}; Ray Serve's there: {there}") from None
+        raise AssertionError(f"Ray's token counters {seen} (the replicas' own: {own}); missing "
+                             f"{[x for x in names if x not in text]}; Ray Serve's there: {there}") from None
     print(f"\ngeneration tokens by replica in Ray's metrics: {seen}; the replicas' own counters: {own}")
     for _ in range(5):  # over longer than a replica's export period: both series stay (no flickering)
         time.sleep(1)
