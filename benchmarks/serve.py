@@ -3,6 +3,7 @@
     python -m benchmarks.serve                    # gpt2 (124M) shapes, random weights, onnxruntime, 16 clients, 60 s
     python -m benchmarks.serve --model demo       # any source model.load accepts (exported once into --cache)
     python -m benchmarks.serve --quick            # the demo model, 4 clients, a few seconds (CI smoke test)
+    python -m benchmarks.serve --ray-replicas 2 --threads 1   # the server on Ray Serve (runtime.ray_serve), 2 replicas
 
 In one run, on one artifact:
 1. offline: runtime.loop.generate on a batch of --clients prompts (greedy, --max-new-tokens new tokens
@@ -71,11 +72,13 @@ def free_loopback_port() -> int:
 
 
 class ServerProcess:
-    """`python -m runtime.serve ARGS` on a free 127.0.0.1 port, ready (GET /health = 200) on entry,
-    stopped with SIGTERM on exit (killed if it has not drained within STOP_TIMEOUT_S)."""
+    """`python -m runtime.serve ARGS` (or another server module: runtime.ray_serve) on a free 127.0.0.1 port,
+    ready (GET /health = 200) on entry, stopped with SIGTERM on exit (killed if it has not drained within
+    STOP_TIMEOUT_S)."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
-                 start_timeout: float = SERVER_START_TIMEOUT_S) -> None:
+                 start_timeout: float = SERVER_START_TIMEOUT_S, module: str = "runtime.serve") -> None:
+        self.module = module
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args, self.env, self.start_timeout = list(args), env, start_timeout
@@ -86,7 +89,7 @@ class ServerProcess:
         fd, name = tempfile.mkstemp(prefix="serve-", suffix=".log")
         self.log_path = Path(name)
         with os.fdopen(fd, "wb") as logf:
-            self.proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--host", "127.0.0.1", "--port",
+            self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port",
                                           str(self.port), *self.args], cwd=ROOT, stdout=logf, stderr=logf,
                                          stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + self.start_timeout
@@ -197,14 +200,20 @@ async def run_clients(url: str, clients: int, duration: float, prompts: list[lis
     return records, start, end
 
 
-def server_token_count(url: str) -> float | None:
+def server_token_count(url: str, replicas: int = 1) -> float | None:
+    """The server's generated-token counter; behind Ray's proxy each /metrics answer is one replica's (named in
+    its X-Gptdeploy-Replica header), so it asks until it has heard from every replica, and sums them."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == "gptdeploy_generation_tokens":
-            return sum(s.value for s in family.samples if s.name.endswith("_total"))
+    counts: dict[str, float] = {}
+    for _ in range(20 * replicas):
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text, replica = r.read().decode(), r.headers.get("x-gptdeploy-replica", "")
+        for family in text_string_to_metric_families(text):
+            if family.name == "gptdeploy_generation_tokens":
+                counts[replica] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+        if len(counts) == replicas:
+            return sum(counts.values())
     return None
 
 
@@ -235,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="the most new tokens per request (default 128)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens per request (default 32)")
     p.add_argument("--offline-repeats", type=int, help="timed offline batch runs (default 3)")
-    p.add_argument("--threads", type=int, help="onnxruntime threads, offline and in the server (default: its own)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads, offline and in the server (each replica with "
+                                               "--ray-replicas; default: its own)")
+    p.add_argument("--ray-replicas", type=int, default=0, metavar="N",
+                   help="serve through Ray Serve (python -m runtime.ray_serve, the cluster extra) with N replicas, "
+                        "each with --max-batch = --clients (default: 0 = python -m runtime.serve)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: out/serve)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help="where the model and its ONNX export are kept between runs (default: artifacts/bench)")
@@ -259,7 +272,9 @@ def resolve(a: argparse.Namespace) -> dict[str, Any]:
         raise ModelError(f"--threads must be >= 1, got {a.threads}")
     if a.quick and a.model is not None:
         raise ModelError("--quick uses the demo model; drop --model or --quick")
-    s["threads"], s["seed"] = a.threads, a.seed
+    if a.ray_replicas < 0:
+        raise ModelError(f"--ray-replicas must be >= 0, got {a.ray_replicas}")
+    s["threads"], s["seed"], s["ray_replicas"] = a.threads, a.seed, a.ray_replicas
     return s
 
 
@@ -304,7 +319,9 @@ def markdown(doc: dict) -> str:
         f"{s['clients']} streaming clients for {s['duration']:.0f} s, prompts of {s['prompt_len']} tokens, "
         f"{s['max_new_tokens'] // 2}..{s['max_new_tokens']} new tokens each (greedy, ignore_eos; "
         f"offline: {s['max_new_tokens']}), "
-        f"server --max-batch {s['clients']}.",
+        f"server --max-batch {s['clients']}"
+        + (f", on Ray Serve: {s['ray_replicas']} replica(s) x {s['threads'] or 'default'} thread(s)."
+           if s.get("ray_replicas") else "."),
         "",
         "| measure | value |",
         "|---|---|",
@@ -356,11 +373,14 @@ def main(argv: list[str] | None = None) -> int:
                    "--max-queue", str(4 * s["clients"]), "--served-model-name", "bench"]
     if s["threads"]:
         server_args += ["--threads", str(s["threads"])]
+    module = "runtime.serve"
+    if s["ray_replicas"]:
+        module, server_args = "runtime.ray_serve", [*server_args, "--replicas", str(s["ray_replicas"])]
     log(f"online: starting the server, then {s['clients']} streaming clients for {s['duration']:.0f} s ...")
-    with ServerProcess(server_args) as server:
+    with ServerProcess(server_args, module=module) as server:
         records, t0, t1 = asyncio.run(run_clients(server.url, s["clients"], s["duration"], prompts, lengths,
                                                   "bench"))
-        server_tokens = server_token_count(server.url)
+        server_tokens = server_token_count(server.url, max(1, s["ray_replicas"]))
         status = server.stop()
     online = summarize_run(records, t0, t1, server_tokens)
     online["server_exit_status"] = status

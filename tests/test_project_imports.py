@@ -24,7 +24,7 @@ LAYERS = ("model", "export", "runtime", "tests.support", "benchmarks")
 # Optional or heavy third-party packages a function may import where it needs them (extras, GPU-only).
 OPTIONAL = {"onnxruntime", "onnxruntime_genai", "tensorrt", "triton", "transformers", "ctranslate2", "cuda",
             "huggingface_hub", "fastapi", "starlette", "pydantic", "prometheus_client", "uvicorn", "httpx",
-            "matplotlib", "llguidance", "llama_cpp", "openvino", "openvino_genai", "nncf"}
+            "matplotlib", "llguidance", "llama_cpp", "openvino", "openvino_genai", "nncf", "ray", "yaml"}
 # Files whose function-level imports are their design, not a dodge.
 SECTIONED = {"benchmarks/gpu_check.py": "runs on the GPU machine's bare python3: each section imports its own "
                                         "dependencies, so that a missing one fails only that section"}
