@@ -160,7 +160,8 @@ def test_openai_surface_through_the_proxy(two_replicas):
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
     with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=TIMEOUT_S,
-                      json={"prompt": "A", "max_tokens": 12, "temperature": 0, "stream": True}) as s:
+                      json={"prompt": "A", "max_tokens": 12, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}) as s:
         lines = [x for x in s.iter_lines() if x]
     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 12
     r = httpx.get(url + "/metrics", timeout=TIMEOUT_S)  # the answering replica's own registry
