@@ -72,10 +72,12 @@ RULES = _rules(
     Rule("dequantize-weights-only", f"include/NvInfer.h:5612-5613 @ {TRT} (:5548-5549 @ release/11.0)",
          "Per-channel dequantization is supported only for input that is rooted at an IConstantLayer (i.e. "
          "weights). Activations cannot be quantized per-channel. (:5604-5610: per-tensor, a single scale, is "
-         "allowed on activations; :5622: block dequantization is per-channel's kind, weights only)"),
-    Rule("int4-block-size", INT4_PAGE,
-         "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}. The block "
-         "dimension should be one of the last two dimensions."),
+         "allowed on activations. Blocked INT4 is weight-only: TensorRT's quantized-types page lists INT4 as "
+         "'weight-only quantization'; blocked FP8/FP4 activations (addDynamicQuantize) are outside what we export)"),
+    Rule("int4-block-size", INT4_PAGE + f" and include/NvInfer.h:5588-5590 @ {TRT} (:5524 @ release/11.0)",
+         "INT4 quantization requires per-block scales. The supported block sizes are {64, 128} (the page; its "
+         "text not re-read in full here). The header: blocking occurs in one dimension, \"the last or second to "
+         "last dimension\"."),
     Rule("plugin-node", "samples/python/quickly_deployable_plugins/README.md:165-166 and :243 @ " + TRT,
          "The `op` property of the node is exactly the same as your plugin name. The node contains a string "
          "attribute called \"plugin_namespace\" ... adding a bool attribute called \"aot\" ... setting it to True."),

@@ -136,8 +136,11 @@ def to_plugin_graph(model: onnx.ModelProto, plugins: tuple[str, ...] = ("attenti
                 replace[id(gemm)] = [trimmed]
             add = gemm if gemm is not None and gemm.op_type == "Add" and len(consumers.get(x, [])) == 1 else None
             if add is not None and add.input[1] in inits and len(inits[add.input[1]].dims) == 1:
-                x, bias = add.input[0], add.input[1]  # a quantized graph's MatMul -> Add(bias) -> Gelu
-                replace[id(add)] = []
+                # a quantized graph's MatMul -> Add(bias) -> Gelu; the plugin's kernel takes the bias' length as the
+                # row width (register.py), so a broadcast bias of another length is left to TensorRT's own Add
+                if inits[add.input[1]].dims[0] == _dequantized_width(producers.get(add.input[0]), producers, inits):
+                    x, bias = add.input[0], add.input[1]
+                    replace[id(add)] = []
             if bias is None:  # no bias to fold: add zeros, so the plugin has one signature
                 width = _last_dim(gemm, inits) if fusable else _dequantized_width(gemm, producers, inits)
                 if width is None:
