@@ -182,7 +182,7 @@ class OnnxRuntimeBackend:
 
     @property
     def verifies_tokens(self) -> bool:
-        return self.spec.takes_logits_to_keep or self.spec.logits == "all"
+        return self.all_logits  # the same graphs return every new position's logits
 
     def decode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       position_ids: torch.Tensor) -> torch.Tensor:
