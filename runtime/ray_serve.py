@@ -63,6 +63,7 @@ class ReplicaSpec:
     api_key: str | None = None
     served_model_name: str | None = None
     max_body_bytes: int = http.DEFAULT_MAX_BODY_BYTES
+    stream_interval: int = 1
     artifact_sha256: str | None = None  # config.json's sha256 as the deploying machine read it
 
     @property
@@ -239,7 +240,8 @@ def _replica_class():
         def __serve_build_asgi_app__(self) -> Any:
             s = self.spec
             app = http.create_app(self.scheduler, http.ServeConfig(model_name=s.model_name, api_key=s.api_key,
-                                                                   max_body_bytes=s.max_body_bytes))
+                                                                   max_body_bytes=s.max_body_bytes,
+                                                                   stream_interval=s.stream_interval))
             self.metrics_task = asyncio.get_running_loop().create_task(self._export_metrics(app))
             return ReplicaHeader(app, self.replica_id)
 
@@ -348,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelError("--replicas is a fixed count; give it or --min-replicas/--max-replicas, not both")
     for flag, value, low in (("--replicas", args.replicas, 1), ("--min-replicas", args.min_replicas, 0),
                              ("--max-replicas", args.max_replicas, 1), ("--max-batch", args.max_batch, 1),
-                             ("--max-queue", args.max_queue, 1), ("--port", args.port, 0)):
+                             ("--max-queue", args.max_queue, 1), ("--port", args.port, 0),
+                             ("--stream-interval", args.stream_interval, 1)):
         if value is not None and value < low:
             raise ModelError(f"{flag} must be >= {low}, got {value}")
     if args.min_replicas is not None and args.max_replicas is not None and args.min_replicas > args.max_replicas:
@@ -366,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = ReplicaSpec(model=model, backend=args.backend, device=args.device, provider=args.provider,
                        threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                        served_model_name=args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1] or None,
-                       max_body_bytes=args.max_body_bytes, artifact_sha256=artifact_digest(model))
+                       max_body_bytes=args.max_body_bytes, stream_interval=args.stream_interval,
+                       artifact_sha256=artifact_digest(model))
     options = deployment_options(spec, replicas=args.replicas or 1, min_replicas=args.min_replicas,
                                  max_replicas=args.max_replicas, num_cpus=args.num_cpus or args.threads or 1,
                                  drain_timeout=args.drain_timeout)

@@ -132,6 +132,7 @@ class ServeConfig:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    stream_interval: int = 1  # a streamed row's chunk carries up to this many new tokens (its first goes at once)
 
 
 class Metrics:
@@ -478,25 +479,39 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
             include_usage = bool((req.stream_options or {}).get("include_usage"))
 
             async def events():
-                sent, open_rows, started = [0] * len(rows), len(rows), [False] * len(rows)
+                # one chunk per row per write: a row's tokens that are ready together (a slow reader, or
+                # --stream-interval N holding a row until N tokens are new) leave as one chunk
+                n_rows = len(rows)
+                sent, held, unsent = [0] * n_rows, [""] * n_rows, [0] * n_rows  # chars sent, text and tokens held
+                chunks_sent, ended, last_n, open_rows = [0] * n_rows, [False] * n_rows, [0] * n_rows, n_rows
                 try:
                     while open_rows:
-                        chunks = []
+                        chunks, touched = [], {}
                         for k, text, done, n_tokens in await bridge.next_events():
-                            c = rows[k]
+                            if req.echo and k not in touched and not chunks_sent[k] and not ended[k]:
+                                # after the prefill: the prompt's logprobs are known
+                                chunks.append({**head, "choices": [_choice(k, echo[k], None, logprobs(k, 0, True))]})
+                                chunks_sent[k] += 1
+                            touched[k], last_n[k] = None, n_tokens
                             if done:
-                                open_rows -= 1
+                                open_rows, ended[k] = open_rows - 1, True
+                            else:
+                                held[k], unsent[k] = held[k] + text, unsent[k] + 1
+                        for k in touched:
+                            c = rows[k]
+                            if ended[k]:
                                 if c.finish_reason not in FINISH:  # error or cancelled: reported below
                                     continue
-                                text = c.text[sent[k]:]  # whatever the last token released
-                            if req.echo and not started[k]:  # after the prefill: the prompt's logprobs are known
-                                chunks.append({**head, "choices": [_choice(k, echo[k], None, logprobs(k, 0, True))]})
-                            started[k] = True
-                            if not done and not text and req.logprobs is None:
+                                text, finish = c.text[sent[k]:], FINISH[c.finish_reason]  # what the last token released
+                            elif chunks_sent[k] == int(req.echo) or unsent[k] >= config.stream_interval:
+                                text, finish = held[k], None  # a row's first text goes at once
+                            else:
                                 continue
-                            sent[k] += len(text)
-                            chunks.append({**head, "choices": [_choice(k, text, FINISH[c.finish_reason] if done
-                                                                       else None, logprobs(k, n_tokens, False))]})
+                            if finish is None and not text and req.logprobs is None:
+                                continue
+                            sent[k], held[k], unsent[k], chunks_sent[k] = sent[k] + len(text), "", 0, chunks_sent[k] + 1
+                            lp = logprobs(k, last_n[k], False)
+                            chunks.append({**head, "choices": [_choice(k, text, finish, lp)]})
                         if chunks:
                             yield b"".join(map(_sse, chunks))
                     e = failure()
@@ -568,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model id in /v1/models and responses (default: the --model folder's name)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                    help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="send a streaming row's text every N new tokens (its first token and its end at once): "
+                        "fewer, larger SSE chunks cost the server and clients less per token (default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
                    help="on SIGTERM, wait at most this long for requests in flight (default: %(default)s)")
     add_backend_flags(p)
@@ -584,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         raise ModelError(f"--port must be in 0..65535, got {args.port}")
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-body-bytes", args.max_body_bytes, 1024)):
+                             ("--max-body-bytes", args.max_body_bytes, 1024),
+                             ("--stream-interval", args.stream_interval, 1)):
         if value < low:
             raise ModelError(f"{flag} must be >= {low}, got {value}")
     if not args.drain_timeout > 0:
@@ -597,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                            threads=args.threads)
     scheduler = Scheduler(backend, args.max_batch, args.max_queue)
     name = args.served_model_name or (args.model.rstrip("/").rsplit("/", 1)[-1] or args.model)
-    app = create_app(scheduler, ServeConfig(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes))
+    app = create_app(scheduler, ServeConfig(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                                               stream_interval=args.stream_interval))
     print(f"serving {name!r} on {backend.name}: http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
           f"context {scheduler.limit})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,

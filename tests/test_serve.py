@@ -576,3 +576,57 @@ def test_guided_regex_on_a_char_model(client):
     r = client.completions.create(model="demo", prompt="ROMEO:\n", max_tokens=60, temperature=0.8, seed=2,
                                   extra_body={"guided_regex": regex})
     assert re.fullmatch(regex, r.choices[0].text) and r.choices[0].finish_reason == "stop"
+
+
+def _stream_parts(c, body: dict) -> dict[int, list[dict]]:
+    """POST a streaming completion through a TestClient -> each choice's chunks (text, tokens, finish_reason)."""
+    parts: dict[int, list[dict]] = {}
+    with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for ch in json.loads(line[6:])["choices"]:
+                    parts.setdefault(ch["index"], []).append(ch)
+    return parts
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_stream_interval_sends_every_n_tokens_and_joins_to_the_whole(demo, echo):
+    """--stream-interval 3: a row's first token goes at once, then chunks of 3 new tokens (more only when the
+    reader fell behind), the rest with the finish reason; the pieces (text, tokens, logprobs) join to the
+    non-streamed completion, with and without echo."""
+    from fastapi.testclient import TestClient
+
+    from runtime.scheduler import Scheduler
+    from runtime.serve import ServeConfig, create_app
+
+    body = dict(prompt=PROMPTS[:2], max_tokens=20, temperature=0, logprobs=0, echo=echo)
+    with TestClient(create_app(Scheduler(demo, 4, 8), ServeConfig(model_name="demo", stream_interval=3))) as c:
+        whole = c.post("/v1/completions", json=body).json()["choices"]
+        parts = _stream_parts(c, body)
+    for choice in whole:
+        chunks = parts[choice["index"]][1:] if echo else parts[choice["index"]]  # echo: the prompt's chunk first
+        assert "".join(ch["text"] for ch in parts[choice["index"]]) == choice["text"]
+        tokens = [ch["logprobs"]["tokens"] for ch in chunks]
+        assert sum(tokens, []) == choice["logprobs"]["tokens"][-20:]
+        counts = [len(t) for t in tokens]
+        assert counts[0] == 1 and all(n >= 3 for n in counts[1:-1]) and min(counts[1:-1]) == 3, counts
+        assert chunks[-1]["finish_reason"] == "length" and counts[-1] <= 3 and sum(counts) == 20
+
+
+def test_stream_interval_keeps_the_text_held_back_for_a_stop_string(gpt2_eot):
+    """The row ends at end-of-text with text held back for a possible stop string and tokens held for the
+    interval: the last chunk carries both."""
+    from fastapi.testclient import TestClient
+
+    from runtime.scheduler import Scheduler
+    from runtime.serve import ServeConfig, create_app
+
+    folder, tokens = gpt2_eot
+    backend = open_backend("torch", folder)
+    stop = backend.tokenizer.decode(tokens[-1:]) + "\u2603"
+    body = dict(prompt=GPT2_PROMPT, max_tokens=40, temperature=0, stop=[stop])
+    with TestClient(create_app(Scheduler(backend, 2, 4), ServeConfig(model_name="gpt2", stream_interval=4))) as c:
+        chunks = _stream_parts(c, body)[0]
+    assert "".join(ch["text"] for ch in chunks) == backend.tokenizer.decode(tokens)
+    assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["text"]
