@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,hub,serve,peers,structured,cluster]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,hub,serve,peers,structured,cluster,eval]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -56,6 +56,7 @@ DEFAULT_OUT = ROOT / "out" / "serve"
 DEFAULT_CACHE = ROOT / "artifacts" / "bench"
 FULL = dict(clients=16, duration=60.0, max_new_tokens=128, prompt_len=32, offline_repeats=3)
 QUICK = dict(clients=4, duration=4.0, max_new_tokens=32, prompt_len=8, offline_repeats=1)
+GRAPH_KINDS = {"ort": "ortgraph", "fused": "fused"}  # --graph -> benchmarks.run.prepare_artifact's kind
 TARGET_SHARE = 0.75  # issue 18 (it was 0.70)
 SERVER_START_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 300.0
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-replicas", type=int, default=0, metavar="N",
                    help="serve through Ray Serve (python -m runtime.ray_serve, the cluster extra) with N replicas, "
                         "each with --max-batch = --clients (default: 0 = python -m runtime.serve)")
+    p.add_argument("--graph", choices=sorted(GRAPH_KINDS), default="ort",
+                   help="the fp32 artifact's graph: ort (ONNX Runtime's fused operators, the KV cache written in "
+                        "place: the CPU serving graph) or fused (the portable one) (default: %(default)s)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
                    help="the server's --stream-interval: a chunk every N new tokens of a row (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: out/serve)")
@@ -279,8 +283,8 @@ def resolve(a: argparse.Namespace) -> dict[str, Any]:
         raise ModelError(f"--ray-replicas must be >= 0, got {a.ray_replicas}")
     if a.stream_interval < 1:
         raise ModelError(f"--stream-interval must be >= 1, got {a.stream_interval}")
-    s["threads"], s["seed"], s["ray_replicas"], s["stream_interval"] = (a.threads, a.seed, a.ray_replicas,
-                                                                        a.stream_interval)
+    s.update(threads=a.threads, seed=a.seed, ray_replicas=a.ray_replicas, stream_interval=a.stream_interval,
+             graph=a.graph)
     return s
 
 
@@ -290,7 +294,7 @@ def prepare(a: argparse.Namespace, s: dict, cache: Path) -> tuple[str, str, Any,
         src, desc = "demo", "demo (char-level Shakespeare, 1.8M parameters)"
     else:
         src, _, _, desc = prepare_model({"preset": "gpt2", "seed": s["seed"]}, a.model, cache)
-    artifact = prepare_artifact(src, "fused", cache)
+    artifact = prepare_artifact(src, GRAPH_KINDS[s["graph"]], cache)
     art = read_artifact(artifact, verify=False)
     return str(artifact), desc, art.config, art.tokenizer.n_vocab
 
@@ -321,7 +325,8 @@ def markdown(doc: dict) -> str:
         f"{m.get('packages', {}).get('onnxruntime')} · commit {m.get('git_commit')} · other processes used "
         f"{'n/a' if other is None else f'{other:.0%}'} of the CPUs during the run",
         "",
-        f"Model: {doc['model']}; artifact {Path(doc['artifact']).name} (onnxruntime, fused graph, fp32). "
+        f"Model: {doc['model']}; artifact {Path(doc['artifact']).name} "
+        f"(onnxruntime, {s.get('graph', 'fused')} graph, fp32). "
         f"{s['clients']} streaming clients for {s['duration']:.0f} s, prompts of {s['prompt_len']} tokens, "
         f"{s['max_new_tokens'] // 2}..{s['max_new_tokens']} new tokens each (greedy, ignore_eos; "
         f"offline: {s['max_new_tokens']}), "
