@@ -115,6 +115,7 @@ metric_list:
 
 
 def run_lm_eval(url: str, tasks: list[str], folder: Path, limit: int) -> dict[str, Any]:
+    # the eval extra: imported once main has checked it is installed
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelError(f"--docs must be >= 1, got {a.docs}")
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # local json data: nothing to fetch
         os.environ.setdefault(name, "1")
-    import lm_eval
+    import lm_eval  # the eval extra, after the offline switches above (datasets reads them at import)
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     backend = open_backend(a.backend, a.model, threads=1)

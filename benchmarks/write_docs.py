@@ -55,7 +55,7 @@ USAGE_BLOCKS = {
     "usage-quantize": ("quantization.md", ("export.quality",)),
     "usage-trt": ("tensorrt.md", ("export.trt", "benchmarks.gpu_check", "benchmarks.kernel_timing")),
     "usage-runtime": ("runtime.md", ("runtime.generate", "runtime.demo")),
-    "usage-serve": ("serving.md", ("runtime.serve", "runtime.ray_serve", "benchmarks.serve")),
+    "usage-serve": ("serving.md", ("runtime.serve", "runtime.ray_serve", "benchmarks.serve", "benchmarks.harness")),
     "usage-bench": ("benchmarks.md", ("benchmarks.run", "benchmarks.profile_ort", "benchmarks.speculate")),
 }
 

@@ -139,16 +139,17 @@ def test_streaming_sends_text_then_finish_then_usage_only_when_asked(client, dem
     chunks = list(client.completions.create(model="demo", prompt="JULIET:\n", max_tokens=40, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
     text_chunks = [c for c in chunks if c.choices]
-    assert len(text_chunks) > 5  # streamed as produced, not in one piece
+    assert len(text_chunks) >= 2  # streamed as produced, not in one piece (ready tokens may share a chunk)
     assert "".join(c.choices[0].text for c in text_chunks) == alone(demo, "JULIET:\n", 40)
     assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40
     assert chunks[-1].usage.prompt_tokens == 8
     # not asked: no usage chunk, so OpenAI's common client loop (choices[0] of every chunk) works
-    stream = client.completions.create(model="demo", prompt="JULIET:\n", max_tokens=40, temperature=0, stream=True)
-    pieces = [ch.choices[0].text for ch in stream]
-    assert "".join(pieces) == alone(demo, "JULIET:\n", 40) and len(pieces) == len(text_chunks)
+    # (how many chunks varies: tokens ready together, when the reader lags, leave as one chunk)
+    plain = list(client.completions.create(model="demo", prompt="JULIET:\n", max_tokens=40, temperature=0, stream=True))
+    assert all(len(ch.choices) == 1 for ch in plain) and plain[-1].choices[0].finish_reason == "length"
+    assert "".join(ch.choices[0].text for ch in plain) == alone(demo, "JULIET:\n", 40)
 
 
 def test_list_prompt_n_seed_and_stop(client, demo):
@@ -591,14 +592,18 @@ def _stream_parts(c, body: dict) -> dict[int, list[dict]]:
 
 
 @pytest.mark.parametrize("echo", [False, True])
-def test_stream_interval_sends_every_n_tokens_and_joins_to_the_whole(demo, echo):
-    """--stream-interval 3: a row's first token goes at once, then chunks of 3 new tokens (more only when the
-    reader fell behind), the rest with the finish reason; the pieces (text, tokens, logprobs) join to the
-    non-streamed completion, with and without echo."""
+def test_stream_interval_sends_every_n_tokens_and_joins_to_the_whole(demo, echo, monkeypatch):
+    """--stream-interval 3: a row's first token goes at once, then chunks of 3 new tokens, the rest with the
+    finish reason; the pieces (text, tokens, logprobs) join to the non-streamed completion, with and without
+    echo. Each decode step is slowed to 20 ms so that the reader keeps up (a lagging reader gets the tokens
+    that are ready in one chunk, which would make the counts depend on the machine's load)."""
     from fastapi.testclient import TestClient
 
     from runtime.scheduler import Scheduler
     from runtime.serve import ServeConfig, create_app
+
+    step = demo.decode_one_token
+    monkeypatch.setattr(demo, "decode_one_token", lambda *a, **k: (time.sleep(0.02), step(*a, **k))[1])
 
     body = dict(prompt=PROMPTS[:2], max_tokens=20, temperature=0, logprobs=0, echo=echo)
     with TestClient(create_app(Scheduler(demo, 4, 8), ServeConfig(model_name="demo", stream_interval=3))) as c:
@@ -610,7 +615,7 @@ def test_stream_interval_sends_every_n_tokens_and_joins_to_the_whole(demo, echo)
         tokens = [ch["logprobs"]["tokens"] for ch in chunks]
         assert sum(tokens, []) == choice["logprobs"]["tokens"][-20:]
         counts = [len(t) for t in tokens]
-        assert counts[0] == 1 and all(n >= 3 for n in counts[1:-1]) and min(counts[1:-1]) == 3, counts
+        assert counts[0] == 1 and all(n == 3 for n in counts[1:-1]), counts
         assert chunks[-1]["finish_reason"] == "length" and counts[-1] <= 3 and sum(counts) == 20
 
 
