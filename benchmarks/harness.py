@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import tempfile
@@ -114,21 +113,30 @@ metric_list:
     return ["gptdeploy_next_line", "gptdeploy_continue"]
 
 
-def run_lm_eval(url: str, tasks: list[str], folder: Path, limit: int) -> dict[str, Any]:
+def run_lm_eval(model: str, model_args: dict[str, Any], tasks: list[str], folder: Path) -> dict[str, Any]:
     # the eval extra: imported once main has checked it is installed
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(
-        model="local-completions",
-        model_args={"base_url": url + "/v1/completions", "model": "served", "num_concurrent": 4,
-                    "max_retries": 1, "tokenized_requests": True, "max_length": limit},
-        tasks=tasks, task_manager=TaskManager(include_path=str(folder)), log_samples=True, batch_size=1)
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, log_samples=True, batch_size=1,
+                                   task_manager=TaskManager(include_path=str(folder)))
 
 
-def direct_logliks(backend: Any, docs: list[dict[str, Any]]) -> list[list[float]]:
-    """Each choice's log-likelihood given the context: one forward of context + choice, fp32 log_softmax."""
-    tok, out = backend.tokenizer, []
+def lm_eval_side(results: dict[str, Any]) -> dict[str, Any]:
+    """What lm-eval scored: each choice's log-likelihood, each greedy continuation, the metrics."""
+    samples, metrics = results["samples"], results["results"]
+    logliks = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples["gptdeploy_next_line"]}
+    texts = {s["doc_id"]: s["filtered_resps"][0] for s in samples["gptdeploy_continue"]}
+    return {"logliks": [logliks[i] for i in range(len(logliks))], "texts": [texts[i] for i in range(len(texts))],
+            "metrics": {"acc": metrics["gptdeploy_next_line"]["acc,none"],
+                        "acc_norm": metrics["gptdeploy_next_line"]["acc_norm,none"],
+                        "exact_match": metrics["gptdeploy_continue"]["exact_match,none"]}}
+
+
+def direct_side(backend: Any, docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same without HTTP or lm-eval: each choice's log-likelihood from one forward of context + choice (fp32
+    log_softmax), each greedy continuation from runtime.loop.generate, and the metrics as lm-eval defines them."""
+    tok, logliks, texts = backend.tokenizer, [], []
     for d in docs:
         context = tok.encode(d["context"])
         seqs = [context + tok.encode(d["context"] + c)[len(context):] for c in d["choices"]]
@@ -141,62 +149,79 @@ def direct_logliks(backend: Any, docs: list[dict[str, Any]]) -> list[list[float]
         for i, s in enumerate(seqs):
             pad = ids.shape[1] - len(s)
             row.append(sum(float(logp[i, pad + j - 1, s[j]]) for j in range(len(context), len(s))))
-        out.append(row)
-    return out
-
-
-def direct_continuations(backend: Any, docs: list[dict[str, Any]]) -> list[str]:
-    tok, out = backend.tokenizer, []
-    for d in docs:
+        logliks.append(row)
         r = generate(backend, [tok.encode(d["prompt"])], SamplingParams(max_new_tokens=MAX_GEN_TOKS, greedy=True,
                                                                          stop=["\n"]))
-        out.append(r.texts[0])
+        texts.append(r.texts[0])
+    n = len(docs)
+    def best(row: list[float], d: dict[str, Any], norm: bool) -> int:  # acc_norm: per byte of the choice
+        return max(range(CHOICES), key=lambda k: row[k] / (len(d["choices"][k].encode()) if norm else 1))
+
+    metrics = {"acc": sum(best(row, d, False) == d["label"] for row, d in zip(logliks, docs)) / n,
+               "acc_norm": sum(best(row, d, True) == d["label"] for row, d in zip(logliks, docs)) / n,
+               "exact_match": sum(t == d["target"] for t, d in zip(texts, docs)) / n}
+    return {"logliks": logliks, "texts": texts, "metrics": metrics}
+
+
+def hf_reference_folder(model: str, out: Path) -> Path:
+    """lm-eval's `hf` model needs tokenizer files beside the weights: a folder of links to the model's files plus
+    GPT-2's BPE files as transformers names them (model/assets/gpt2-bpe: encoder.json = vocab.json, vocab.bpe =
+    merges.txt)."""
+    src = Path(model).resolve()
+    if not (src / "config.json").is_file() or json.loads((src / "config.json").read_text()).get("model_type") != "gpt2":
+        raise ModelError(f"--hf-reference needs --model to be a Hugging Face GPT-2 folder, got {model}")
+    out.mkdir()
+    for f in src.iterdir():
+        (out / f.name).symlink_to(f)
+    bpe = ROOT / "model" / "assets" / "gpt2-bpe"
+    for name, target in (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe")):
+        if not (out / name).exists():
+            (out / name).symlink_to(bpe / target)
+    if not (out / "tokenizer_config.json").exists():
+        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
     return out
 
 
-def compare(results: dict[str, Any], docs: list[dict[str, Any]], logliks: list[list[float]],
-            continuations: list[str]) -> dict[str, Any]:
-    samples = results["samples"]
-    served = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples["gptdeploy_next_line"]}
-    diffs = [abs(a - b) for i, row in enumerate(logliks) for a, b in zip(served[i], row)]
-    argmax_same = sum(max(range(CHOICES), key=served[i].__getitem__) == max(range(CHOICES), key=row.__getitem__)
-                      for i, row in enumerate(logliks))
-    generated = {s["doc_id"]: s["filtered_resps"][0] for s in samples["gptdeploy_continue"]}
-    same_text = sum(generated[i] == c for i, c in enumerate(continuations))
-    n = len(docs)
-    acc = sum(max(range(CHOICES), key=row.__getitem__) == d["label"] for row, d in zip(logliks, docs)) / n
-    acc_norm = sum(max(range(CHOICES), key=lambda k: row[k] / len(d["choices"][k].encode())) == d["label"]
-                   for row, d in zip(logliks, docs)) / n
-    exact = sum(c == d["target"] for c, d in zip(continuations, docs)) / n
-    metrics = results["results"]
-    return {"docs": n, "choices_scored": len(diffs), "max_abs_loglik_diff": max(diffs),
-            "mean_abs_loglik_diff": sum(diffs) / len(diffs), "argmax_same": argmax_same,
-            "greedy_text_same": same_text,
-            "lm_eval": {"acc": metrics["gptdeploy_next_line"]["acc,none"],
-                        "acc_norm": metrics["gptdeploy_next_line"]["acc_norm,none"],
-                        "exact_match": metrics["gptdeploy_continue"]["exact_match,none"]},
-            "direct": {"acc": acc, "acc_norm": acc_norm, "exact_match": exact}}
+def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    diffs = [abs(x - y) for ra, rb in zip(a["logliks"], b["logliks"]) for x, y in zip(ra, rb)]
+    argmax = lambda row: max(range(CHOICES), key=row.__getitem__)  # noqa: E731
+    return {"choices_scored": len(diffs), "max_abs_loglik_diff": max(diffs),
+            "mean_abs_loglik_diff": sum(diffs) / len(diffs),
+            "argmax_same": sum(argmax(x) == argmax(y) for x, y in zip(a["logliks"], b["logliks"])),
+            "greedy_text_same": sum(x == y for x, y in zip(a["texts"], b["texts"])),
+            "metrics_equal": a["metrics"] == b["metrics"]}
+
+
+def agrees(c: dict[str, Any], docs: int) -> bool:
+    return (c["max_abs_loglik_diff"] <= LOGLIK_TOL and c["argmax_same"] == c["greedy_text_same"] == docs
+            and c["metrics_equal"])
+
+
+SIDE_NAMES = {"direct": "direct (no HTTP, no lm-eval)", "transformers": "lm-eval's own `hf` model (transformers)"}
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    c, m = doc["comparison"], doc["machine"]
-    ok = lambda b: "equal" if b else "DIFFERENT"  # noqa: E731
-    rows = [f"| {k} | {c['lm_eval'][k]:.4f} | {c['direct'][k]:.4f} | "
-            f"{ok(math.isclose(c['lm_eval'][k], c['direct'][k], abs_tol=1e-9))} |" for k in c["direct"]]
-    return "\n".join([
+    m, sides, n = doc["machine"], doc["metrics"], doc["docs"]
+    others = [k for k in SIDE_NAMES if k in sides]
+    rows = [f"| {k} | {sides['served'][k]:.4f} | " + " | ".join(f"{sides[o][k]:.4f}" for o in others) + " |"
+            for k in sides["served"]]
+    lines = [
         f"{doc['started']} · {m.get('cpu')} · lm-eval {doc['lm_eval_version']} · commit {m.get('git_commit')}",
         "",
         f"Model {doc['model']} on `runtime.serve --backend {doc['backend']}`, lm-eval's `local-completions` "
-        f"(tokenizer: the server's /tokenize), {c['docs']} held-out tinyshakespeare documents.",
+        f"(tokenizer: the server's /tokenize), {n} held-out tinyshakespeare documents.",
         "",
-        "| metric | lm-eval through the server | direct (no HTTP, no lm-eval) | |",
-        "|---|---|---|---|",
+        "| metric | lm-eval through the server | " + " | ".join(SIDE_NAMES[o] for o in others) + " |",
+        "|---|---|" + "---|" * len(others),
         *rows,
-        "",
-        f"Per choice: {c['choices_scored']} log-likelihoods, max |diff| {c['max_abs_loglik_diff']:.2e} "
-        f"(bound {LOGLIK_TOL:g}), mean {c['mean_abs_loglik_diff']:.2e}; same argmax in {c['argmax_same']} of "
-        f"{c['docs']} documents; greedy continuation identical in {c['greedy_text_same']} of {c['docs']}.",
-    ]) + "\n"
+        ""]
+    for o in others:
+        c = doc["comparisons"][o]
+        lines.append(f"Against {SIDE_NAMES[o]}: {c['choices_scored']} log-likelihoods, max |diff| "
+                     f"{c['max_abs_loglik_diff']:.2e} (bound {LOGLIK_TOL:g}), mean {c['mean_abs_loglik_diff']:.2e}; "
+                     f"same argmax in {c['argmax_same']} of {n} documents; greedy continuation identical in "
+                     f"{c['greedy_text_same']} of {n}; metrics {'equal' if c['metrics_equal'] else 'DIFFERENT'}.")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="(default: %(default)s)")
     p.add_argument("--docs", type=int, default=40, help="documents per task (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="which lines the documents take (default: %(default)s)")
+    p.add_argument("--hf-reference", action="store_true",
+                   help="also score the tasks with lm-eval's own hf model (transformers) on --model, a Hugging Face "
+                        "GPT-2 folder, and compare it with the server too")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: out/harness)")
     return p
 
@@ -222,22 +250,30 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     backend = open_backend(a.backend, a.model, threads=1)
     docs = make_docs(a.docs, a.seed, backend.max_seq_len)
+    sides = {}
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
         tasks = write_tasks(Path(tmp), docs)
         with ServerProcess(["--model", a.model, "--backend", a.backend, "--threads", "1", "--max-batch", "4",
                            "--served-model-name", "served"]) as s:
-            results = run_lm_eval(s.url, tasks, Path(tmp), backend.max_seq_len)
-    comparison = compare(results, docs, direct_logliks(backend, docs), direct_continuations(backend, docs))
+            sides["served"] = lm_eval_side(run_lm_eval(
+                "local-completions", {"base_url": s.url + "/v1/completions", "model": "served", "num_concurrent": 4,
+                                      "max_retries": 1, "tokenized_requests": True, "max_length": backend.max_seq_len},
+                tasks, Path(tmp)))
+        if a.hf_reference:
+            folder = hf_reference_folder(a.model, Path(tmp) / "hf")
+            sides["transformers"] = lm_eval_side(run_lm_eval(
+                "hf", {"pretrained": str(folder), "device": "cpu", "dtype": "float32"}, tasks, Path(tmp)))
+    sides["direct"] = direct_side(backend, docs)
+    comparisons = {k: compare(sides["served"], sides[k]) for k in SIDE_NAMES if k in sides}
     doc = {"started": started, "model": a.model, "backend": a.backend, "lm_eval_version": lm_eval.__version__,
-           "machine": machine_info(), "loglik_tol": LOGLIK_TOL, "comparison": comparison}
+           "machine": machine_info(), "loglik_tol": LOGLIK_TOL, "docs": len(docs),
+           "metrics": {k: v["metrics"] for k, v in sides.items()}, "comparisons": comparisons}
     text = markdown(doc)
     a.out.mkdir(parents=True, exist_ok=True)
     write_atomic(a.out / "harness.json", json.dumps(doc, indent=1).encode())
     write_atomic(a.out / "harness.md", text.encode())
     print(text)
-    c = comparison
-    same = c["max_abs_loglik_diff"] <= LOGLIK_TOL and c["argmax_same"] == c["docs"] == c["greedy_text_same"]
-    return 0 if same and c["lm_eval"] == c["direct"] else 1
+    return 0 if all(agrees(c, len(docs)) for c in comparisons.values()) else 1
 
 
 if __name__ == "__main__":
