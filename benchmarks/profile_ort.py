@@ -24,6 +24,8 @@ from model.artifact import read_artifact
 from model.errors import CliParser, ModelError, run_cli
 from runtime.ort_backend import OnnxRuntimeBackend
 
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "out" / "profile"  # ignored by git, unlike the checkout root
+
 
 def profile_decode(artifact: str, batch: int, prompt_len: int, steps: int, threads: int | None,
                    trace_dir: Path) -> dict:
@@ -88,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps profiled (default: %(default)s)")
     p.add_argument("--threads", type=int, help="ORT intra-op and torch threads (default: their own choice)")
-    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
-                   help="where ORT writes its trace (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                   help="where ORT writes its trace (default: out/profile, made if missing)")
     a = p.parse_args(argv)
     if min(a.batch, a.prompt_len, a.new_tokens) < 1:
         raise ModelError("--batch, --prompt-len and --new-tokens must be >= 1")
+    if a.out == DEFAULT_OUT:
+        a.out.mkdir(parents=True, exist_ok=True)
     if not a.out.is_dir():
         raise ModelError(f"--out {a.out}: not a folder")
     r = profile_decode(a.model, a.batch, a.prompt_len, a.new_tokens, a.threads, a.out)
