@@ -154,6 +154,7 @@ def direct_side(backend: Any, docs: list[dict[str, Any]]) -> dict[str, Any]:
                                                                          stop=["\n"]))
         texts.append(r.texts[0])
     n = len(docs)
+
     def best(row: list[float], d: dict[str, Any], norm: bool) -> int:  # acc_norm: per byte of the choice
         return max(range(CHOICES), key=lambda k: row[k] / (len(d["choices"][k].encode()) if norm else 1))
 

@@ -488,7 +488,7 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
                     while open_rows:
                         chunks, touched = [], {}
                         for k, text, done, n_tokens in await bridge.next_events():
-                            if req.echo and k not in touched and not chunks_sent[k] and not ended[k]:
+                            if req.echo and not chunks_sent[k]:
                                 # after the prefill: the prompt's logprobs are known
                                 chunks.append({**head, "choices": [_choice(k, echo[k], None, logprobs(k, 0, True))]})
                                 chunks_sent[k] += 1
