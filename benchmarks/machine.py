@@ -101,6 +101,15 @@ def cpu_snapshot() -> dict:
             "own_cpu_s": t.user + t.system + t.children_user + t.children_system}
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all its threads) that process pid has used so far; None when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def other_cpu_share(start: dict, end: dict, cores: int) -> float | None:
     """Share of all cores that processes other than this run kept busy between two snapshots."""
     if start["machine_busy_s"] is None or end["machine_busy_s"] is None:

@@ -7,7 +7,8 @@
 
 In one run, on one artifact:
 1. offline: runtime.loop.generate on a batch of --clients prompts (greedy, --max-new-tokens new tokens
-   each, end-of-text ignored), decode tokens/s = the batch's decode throughput (median of --offline-repeats);
+   each, end-of-text ignored), decode tokens/s = the batch's decode throughput (the median of --offline-repeats
+   runs before step 2 and as many after it: the machine's speed may drift during the run);
 2. online: the server on a free 127.0.0.1 port with --max-batch = --clients; each client sends one
    streaming /v1/completions request after another (the same prompt length, max_new_tokens drawn from
    --max-new-tokens/2 .. --max-new-tokens so that rows finish at different steps and others join, greedy,
@@ -41,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import cpu_snapshot, machine_info, other_cpu_share
+from benchmarks.machine import cpu_snapshot, machine_info, other_cpu_share, process_cpu_s
 from benchmarks.run import prepare_artifact, prepare_model
 from benchmarks.stats import summarize
 from model.artifact import read_artifact
@@ -219,18 +220,30 @@ def server_token_count(url: str, replicas: int = 1) -> float | None:
     return None
 
 
+def load_cpu_shares(machine_start: dict, server_start: float | None, own_start: os.times_result, server_pid: int,
+                    cores: int) -> dict:
+    """Shares of all cores during the clients' run: the server's main process (all its threads; Ray's other
+    processes are in "rest"), the clients (this process), and everything else."""
+    machine_end, server_end, own_end = cpu_snapshot(), process_cpu_s(server_pid), os.times()
+    wall = machine_end["wall"] - machine_start["wall"]
+    clients = (own_end.user + own_end.system) - (own_start.user + own_start.system)
+    server = None if server_start is None or server_end is None else server_end - server_start
+    busy = None if machine_start["machine_busy_s"] is None else \
+        machine_end["machine_busy_s"] - machine_start["machine_busy_s"]
+    share = lambda x: None if x is None or wall <= 0 else x / (wall * cores)  # noqa: E731
+    rest = None if busy is None or server is None else max(0.0, busy - server - clients)
+    return {"server": share(server), "clients": share(clients), "rest": share(rest)}
+
+
 # ---- offline baseline
 
 def offline_decode(artifact: str, prompts: list[list[int]], max_new_tokens: int, repeats: int,
-                   threads: int | None) -> dict:
+                   threads: int | None) -> list[float]:
+    """Decode tokens/s of `repeats` runs of the batch."""
     backend = open_backend("onnxruntime", artifact, threads=threads)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, stop_at_eot=False)
     generate(backend, prompts, SamplingParams(max_new_tokens=4, greedy=True))  # warm-up
-    tps = []
-    for _ in range(repeats):
-        r = generate(backend, prompts, params)
-        tps.append(r.decode_tokens_per_s)
-    return {"batch": len(prompts), "decode_tokens_per_s": summarize(tps)}
+    return [generate(backend, prompts, params).decode_tokens_per_s for _ in range(repeats)]
 
 
 # ---- orchestration
@@ -338,8 +351,9 @@ def markdown(doc: dict) -> str:
         "",
         "| measure | value |",
         "|---|---|",
-        f"| offline batch-{off['batch']} decode (tokens/s, median of {off['decode_tokens_per_s']['n']}) | "
-        f"{off['decode_tokens_per_s']['median']:.1f} |",
+        f"| offline batch-{off['batch']} decode (tokens/s, median of {off['decode_tokens_per_s']['n']} runs before and "
+        f"after the load; the medians of each) | {off['decode_tokens_per_s']['median']:.1f} "
+        f"({off['before']['median']:.1f}, {off['after']['median']:.1f}) |",
         f"| server aggregate (tokens/s) | {on['tokens_per_s']:.1f} |",
         f"| server ÷ offline (target ≥ {TARGET_SHARE:.0%}) | {share:.0%} "
         f"{'met' if doc['target']['met'] else 'MISSED'} |",
@@ -349,6 +363,12 @@ def markdown(doc: dict) -> str:
         f"| time to first token p50 / p99 (ms) | {ms(on['ttft_s']['p50'])} / {ms(on['ttft_s']['p99'])} |",
         f"| gap between content chunks p50 / p99 (ms) | {ms(on['itl_s']['p50'])} / {ms(on['itl_s']['p99'])} |",
     ]
+    cpu = on.get("cpu_share") or {}
+    if cpu.get("server") is not None and cpu.get("rest") is not None:
+        server = "Ray's driver process (its replicas, proxy and daemons are in the rest)" if s.get("ray_replicas") \
+            else "server process"
+        lines.append(f"| share of all cores during the load: {server} / clients / the rest | "
+                     f"{cpu['server']:.0%} / {cpu['clients']:.0%} / {cpu['rest']:.0%} |")
     if other is not None and other > 0.10 and not s.get("ray_replicas"):
         lines += ["", f"warning: other processes used {other:.0%} of the CPUs: figures are low and noisy."]
     return "\n".join(lines) + "\n"
@@ -378,9 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     # new ones keep joining a running batch (the offline batch decodes max_new_tokens for every row)
     lengths = [rng.randint(max(2, s["max_new_tokens"] // 2), s["max_new_tokens"]) for _ in range(97)]
 
-    log(f"offline: batch {s['clients']}, {s['max_new_tokens']} new tokens, {s['offline_repeats']} runs ...")
-    offline = offline_decode(artifact, prompts[:s["clients"]], s["max_new_tokens"], s["offline_repeats"], s["threads"])
-    log(f"  {offline['decode_tokens_per_s']['median']:.1f} decode tokens/s")
+    # the offline runs go before and after the clients' run, so that a machine whose speed drifts (this VM's read
+    # bandwidth moved between 29 and 53 GB/s within an hour) does not favour either side
+    def offline_runs(when: str) -> list[float]:
+        log(f"offline ({when}): batch {s['clients']}, {s['max_new_tokens']} new tokens, {s['offline_repeats']} runs")
+        tps = offline_decode(artifact, prompts[:s["clients"]], s["max_new_tokens"], s["offline_repeats"],
+                             s["threads"])
+        log("  " + ", ".join(f"{x:.1f}" for x in tps) + " decode tokens/s")
+        return tps
+
+    before = offline_runs("before")
 
     server_args = ["--model", artifact, "--backend", "onnxruntime", "--max-batch", str(s["clients"]),
                    "--max-queue", str(4 * s["clients"]), "--served-model-name", "bench",
@@ -392,12 +419,18 @@ def main(argv: list[str] | None = None) -> int:
         module, server_args = "runtime.ray_serve", [*server_args, "--replicas", str(s["ray_replicas"])]
     log(f"online: starting the server, then {s['clients']} streaming clients for {s['duration']:.0f} s ...")
     with ServerProcess(server_args, module=module) as server:
+        cpu_load = cpu_snapshot(), process_cpu_s(server.proc.pid), os.times()
         records, t0, t1 = asyncio.run(run_clients(server.url, s["clients"], s["duration"], prompts, lengths,
                                                   "bench"))
+        cpu_load = load_cpu_shares(*cpu_load, server.proc.pid, os.cpu_count() or 1)
         server_tokens = server_token_count(server.url, max(1, s["ray_replicas"]))
         status = server.stop()
     online = summarize_run(records, t0, t1, server_tokens)
+    after = offline_runs("after")
+    offline = {"batch": s["clients"], "decode_tokens_per_s": summarize(before + after),
+               "before": summarize(before), "after": summarize(after)}
     online["server_exit_status"] = status
+    online["cpu_share"] = cpu_load
     machine = machine_info()
     machine["other_processes_cpu_share"] = other_cpu_share(cpu_start, cpu_snapshot(), machine["cpu_count"] or 1)
     share = online["tokens_per_s"] / offline["decode_tokens_per_s"]["median"]

@@ -204,7 +204,7 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
                       axis=2, block_size=block)
     emb = b.op("Add", [tokens, b.op("Gather", [wpe, "position_ids"])])
     if graph == "ort":
-        return ort_graph(b, c, spec, state, emb, keep, batch, total, W, matmul_weight if quantized else None,
+        return ort_graph(b, c, spec, state, emb, keep, batch, k_pos, total, W, matmul_weight if quantized else None,
                          lm_head)
     x = b.op("Reshape", [emb, rows_shape])
     heads_shape = b.op("Concat", [batch, seq, b.const("heads", np.array([H, D], np.int64))], axis=0)
@@ -270,7 +270,7 @@ def finish_model(b: _Builder, c: GPTConfig, spec: ExportSpec, logits: str) -> on
 
 
 def ort_graph(b: _Builder, c: GPTConfig, spec: ExportSpec, state: dict[str, torch.Tensor], emb: str, keep: str,
-              batch: str, total: str, W: Callable[[str], str],
+              batch: str, k_pos: str, total: str, W: Callable[[str], str],
               matmul_weight: Callable[[str, str, torch.Tensor], str] | None,
               lm_head: Callable[[str], str]) -> onnx.ModelProto:
     """The ort graph (module docstring) from the embeddings emb [B, S, C]: the residual stays 3-D, as
@@ -301,8 +301,12 @@ def ort_graph(b: _Builder, c: GPTConfig, spec: ExportSpec, state: dict[str, torc
     # GroupQueryAttention's view of the mask: positions 0..seqlens_k of each row count (causal on its own), and
     # attention_bias masks the padding (0 keep, the dtype's lowest value drop)
     total_i32 = b.op("Cast", [b.op("Squeeze", [total, b.const("axis0", np.array([0], np.int64))])], to=int32)
-    last_pos = b.op("Sub", [total, b.const("one_1d", np.array([1], np.int64))])
-    seqlens_k = b.op("Cast", [b.op("Expand", [last_pos, batch])], to=int32)
+    # seqlens_k[b] = the row's last real position (1 + the largest k with attention_mask[b, k] = 1, minus 1): total - 1
+    # for left-padded rows, and a row's own length - 1 for rows left-aligned in the cache (right padding), whose
+    # GroupQueryAttention then reads and writes only that row's positions (runtime/ort_backend.py's row layout)
+    one_based = b.op("Mul", ["attention_mask", b.op("Add", [k_pos, b.const("one", np.array(1, np.int64))])])
+    last_real = b.op("ReduceMax", [one_based, b.const("axes1", np.array([1], np.int64))], keepdims=0)
+    seqlens_k = b.op("Cast", [b.op("Sub", [last_real, b.const("one", np.array(1, np.int64))])], to=int32)
     attn_bias = b.op("Where", [keep, b.const("keep_bias", np.array(0, np_dtype)),
                                b.const("drop_bias", np.array(np.finfo(np_dtype).min, np_dtype))])
     # FastGelu: tanh GELU, BiasGelu: erf GELU, each of (x + bias)

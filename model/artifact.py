@@ -116,6 +116,11 @@ class ExportSpec:
     # with quantize: the lm_head quantized like every Linear (True) or kept in the float dtype, a Gemm with wte
     # (False: the quality fix for a block too coarse, docs/quantization.md); True without quantize
     quant_lm_head: bool = True
+    # the ort graph takes each row's cached length from its attention_mask (the row's last 1), so a row may be
+    # right-padded: the runtime keeps its rows left-aligned in the cache and attention reads each row's own
+    # positions only (runtime/ort_backend.py). False for ort graphs written before 2026-12-06, which took every
+    # row's length to be the mask's; for_model sets it with graph ort
+    right_padding: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -129,6 +134,8 @@ class ExportSpec:
             raise ValueError(f"graph fused needs opset >= {FUSED_MIN_OPSET} (ONNX Attention); got {self.opset}")
         if self.graph == "ort" and self.opset < ORT_MIN_OPSET:
             raise ValueError(f"graph ort needs opset >= {ORT_MIN_OPSET} (ONNX Gelu); got {self.opset}")
+        if self.right_padding and self.graph != "ort":
+            raise ValueError("right_padding is a property of the ort graph")
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len {self.max_seq_len} is out of range (>= 1)")
         if self.logits not in LOGITS_KINDS:
@@ -163,7 +170,7 @@ class ExportSpec:
                    max_seq_len=config.block_size if max_seq_len is None else max_seq_len,
                    logits="all" if all_logits else "last", quantize=quantize,
                    quant_block=DEFAULT_QUANT_BLOCK if quantize is not None and quant_block is None else quant_block,
-                   quant_lm_head=quant_lm_head)
+                   quant_lm_head=quant_lm_head, right_padding=graph == "ort")
         spec.check_model(config)
         return spec
 
@@ -210,6 +217,8 @@ class ExportSpec:
     def from_dict(cls, d: dict[str, Any]) -> ExportSpec:
         if isinstance(d, dict) and "quant_lm_head" not in d:  # written before the field existed: lm_head quantized
             d = {**d, "quant_lm_head": True}
+        if isinstance(d, dict) and "right_padding" not in d:  # written before the field existed: not taken
+            d = {**d, "right_padding": False}
         return cls(**_exact_fields(cls, d))
 
 

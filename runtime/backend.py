@@ -28,6 +28,14 @@ it passes, and zeroes nothing it reads. Four operations change the running batch
 - `trim_left(n)`: drop the first n positions of every row (left padding in all of them), for when
   cache_len reaches the capacity given to reset.
 
+A backend with `left_aligned = True` (onnxruntime on an ort graph that takes right padding) lays its
+running batch out the other way: every row starts at position 0 and holds its own length of positions,
+cache_len is the longest row's, and the caller's attention_mask marks each row's own positions (1) and
+the right padding after them (0); a decode step writes each row's token at its own length, and its
+attention reads that row's positions only, so a short row beside a long one costs its own length.
+`add_rows` drops the new rows' left padding (`RowCache.lengths` says how much of each row is real),
+`release_row` moves the last row's positions, and no row ever has left padding for `trim_left` to drop.
+
 Speculative decoding (runtime/speculate.py) uses two more calls on a running batch:
 
 - `decode_tokens(ids, mask, pos)`: decode_one_token for several new tokens per row, returning the logits
@@ -69,6 +77,8 @@ class RowCache:
     [rows, n_head, length, head_dim] in the backend's cache dtype, on its device."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
+    # each row's real positions (its last ones; the rest is left padding), None: every position of every row
+    lengths: list[int] | None = None
 
     @property
     def rows(self) -> int:
@@ -77,6 +87,11 @@ class RowCache:
     @property
     def length(self) -> int:
         return self.layers[0][0].shape[2]
+
+    def select(self, rows: list[int]) -> RowCache:
+        """These rows only, in this order."""
+        return RowCache([(k[rows], v[rows]) for k, v in self.layers],
+                        None if self.lengths is None else [self.lengths[i] for i in rows])
 
 
 @runtime_checkable
@@ -105,7 +120,8 @@ class Backend(Protocol):
 
     # ---- row operations (continuous batching)
     rows: int  # rows in the running batch
-    cache_len: int  # positions cached per row of the running batch (0 when it is empty)
+    cache_len: int  # positions cached per row of the running batch (0 when it is empty); left_aligned: the longest
+    left_aligned: bool  # rows start at position 0 (see the module docstring), else they end together
 
     all_logits: bool  # whether prefill_rows(..., all_logits=True) works
 
@@ -115,7 +131,7 @@ class Backend(Protocol):
         and the n rows' cache."""
 
     def add_rows(self, cache: RowCache) -> None:
-        """Append cache's rows to the running batch, right-aligned (see the module docstring)."""
+        """Append cache's rows to the running batch, right-aligned (left_aligned: without their left padding)."""
 
     def release_row(self, row: int) -> None:
         """Drop a row of the running batch; the last row takes its index."""

@@ -86,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     export = export_artifact("demo", args.out, force=True, log=lambda s: print(s, flush=True))
 
     section("2-3. generate on the torch reference and on onnxruntime")
-    backends: list[Backend] = [open_backend("torch", "demo", threads=args.threads),
-                               open_backend("onnxruntime", str(args.out), threads=args.threads)]
-    runs = {b.name: run_backend(b) for b in backends}
+    backends: list[Backend] = [open_backend("torch", "demo", threads=args.threads)]
+    runs = {backends[0].name: run_backend(backends[0])}  # before onnxruntime leaves torch one thread
+    backends.append(open_backend("onnxruntime", str(args.out), threads=args.threads))
+    runs[backends[1].name] = run_backend(backends[1])
 
     section("4. TensorRT")
     trt_note, trt_failed = tensorrt_missing(), False

@@ -30,7 +30,8 @@ def open_backend(name: str, model: str, *, device: str | None = None, provider: 
     HF folder, nanoGPT ckpt.pt, our checkpoint folder, an export artifact); for onnxruntime and tensorrt, an
     artifact folder written by `python -m export.onnx` (tensorrt: with an engine built by `python -m export.trt`).
     device: the torch device (torch only; default cpu); provider: onnxruntime's execution provider (onnxruntime
-    only; default cpu); threads: CPU threads of torch or onnxruntime (default: the library's own choice)."""
+    only; default cpu); threads: CPU threads of torch or onnxruntime (default: the library's own choice).
+    onnxruntime on the CPU leaves torch one thread in this process (it only samples and keeps books)."""
     if name not in BACKENDS:
         raise ModelError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if device is not None and name != "torch":
@@ -52,7 +53,12 @@ def open_backend(name: str, model: str, *, device: str | None = None, provider: 
     if name == "onnxruntime":
         from runtime.ort_backend import OnnxRuntimeBackend  # imports onnxruntime
 
-        return OnnxRuntimeBackend(model, providers=provider or "cpu", threads=threads)
+        backend = OnnxRuntimeBackend(model, providers=provider or "cpu", threads=threads)
+        if backend.device.type == "cpu":
+            # onnxruntime's threads own the cores; torch runs only the loop's sampling and bookkeeping between steps,
+            # and its own threads spinning there slowed the next step (a gpt2 batch-16 step by 12%, docs/runtime.md)
+            torch.set_num_threads(1)
+        return backend
     return TensorRTBackend(model)
 
 

@@ -5,7 +5,9 @@ The KV cache lives in preallocated torch buffers bound with IO binding, in one o
 - the ort graph (ExportSpec.inplace_kv): per layer one key and one value buffer [rows, n_head,
   max_seq_len, head_dim], bound as both past and present; GroupQueryAttention writes the step's
   positions in place, so a step copies nothing. The running batch is the buffers' first `rows`
-  rows, as the torch backend's static cache (runtime/backend.py's static_* row operations).
+  rows, as the torch backend's static cache (runtime/backend.py's static_* row operations); on an
+  artifact that takes right padding (ExportSpec.right_padding) its rows are left-aligned instead
+  (backend.left_aligned): each row from position 0 for its own length, which its attention reads alone.
 - the fused and decomposed graphs: per layer two flat buffers of capacity batch * n_head *
   max_seq_len * head_dim each for key and value. A step reads past [B, H, P, D] from the start of
   one buffer and ORT writes present [B, H, P+S, D] straight into the start of the other (the
@@ -72,6 +74,8 @@ class OnnxRuntimeBackend:
                           for i in range(self.config.n_layer) for kind in KV_KINDS]
         self._bind_where = ("cpu" if self.device.type == "cpu" else "cuda", self.device.index or 0)
         self.inplace = self.spec.inplace_kv
+        self.left_aligned = self.inplace and self.spec.right_padding
+        self._lengths: list[int] = []  # left_aligned: each running row's positions
         self._kv_bound: tuple | None = None  # what the in-place cache was last bound as (see _run)
         self._kv: list[list[list[torch.Tensor]]] | None = None  # Concat layout: [ping/pong][layer][key/value]
         self._static: list[torch.Tensor] = []  # in-place layout: per layer key, value [rows, H, positions, D]
@@ -105,6 +109,7 @@ class OnnxRuntimeBackend:
             self._logits = torch.empty(batch_size, 1, c.vocab_size, dtype=torch.float32, device=self.device)
         self._capacity = (batch_size, max_seq_len)
         self.rows = self.cache_len = self._cur = 0
+        self._lengths = []
         self._binding = self.session.io_binding()
         self._kv_bound = None
 
@@ -140,10 +145,13 @@ class OnnxRuntimeBackend:
                              dtype=torch.float32, device=self.device)
         binding = self.session.io_binding()
         self._run(binding, input_ids, attention_mask, position_ids, past, 0, layers, logits)
-        return (logits if all_logits else logits[:, -1]), RowCache(layers)
+        return (logits if all_logits else logits[:, -1]), RowCache(layers, attention_mask.sum(1).tolist())
 
     def add_rows(self, cache: RowCache) -> None:
         B, P, n, L = self.rows, self.cache_len, cache.rows, cache.length
+        if self.left_aligned:
+            self._add_left_aligned(cache)
+            return
         check_room(self._capacity, B + n, max(P, L))
         if self.inplace:
             self.rows, self.cache_len = B + n, static_add_rows(self._static, B, P, cache)
@@ -159,6 +167,15 @@ class OnnxRuntimeBackend:
     def release_row(self, row: int) -> None:
         check_row(self, row)
         last = self.rows - 1
+        if self.left_aligned:
+            if row != last:
+                n = self._lengths[last]
+                for buf in self._static:
+                    buf[row, :, :n] = buf[last, :, :n]
+            self._lengths[row] = self._lengths[last]
+            self._lengths.pop()
+            self.rows, self.cache_len = last, max(self._lengths, default=0)
+            return
         if self.inplace:
             static_release_row(self._static, row, self.rows, self.cache_len)
         elif row != last:
@@ -172,6 +189,10 @@ class OnnxRuntimeBackend:
 
     def trim_left(self, n: int) -> None:
         check_trim(self, n)
+        if self.left_aligned and n:
+            if n > min(self._lengths):
+                raise BackendUsageError(f"cannot trim {n} positions: the shortest row has {min(self._lengths)}")
+            self._lengths = [length - n for length in self._lengths]
         if self.inplace:
             static_trim_left(self._static, self.rows, self.cache_len, n)
             self.cache_len -= n
@@ -196,10 +217,28 @@ class OnnxRuntimeBackend:
 
     def trim_right(self, n: int) -> None:
         check_trim(self, n)
+        if self.left_aligned and n > min(self._lengths):
+            raise BackendUsageError(f"cannot trim {n} positions: the shortest row has {min(self._lengths)}")
         if self.inplace:  # positions past cache_len are written again before they are read
+            self._lengths = [length - n for length in self._lengths]
             self.cache_len -= n
         elif n:
             self._relayout(-n, right=True)
+
+    def _add_left_aligned(self, cache: RowCache) -> None:
+        """add_rows with left-aligned rows: each new row's real positions (the last cache.lengths[j] of its L) go
+        to the start of its slot; nothing else moves."""
+        B, n, L = self.rows, cache.rows, cache.length
+        lengths = cache.lengths or [L] * n
+        check_room(self._capacity, B + n, max([self.cache_len, *lengths]))
+        for buf, new in zip(self._static, [t for kv in cache.layers for t in kv]):
+            if all(length == L for length in lengths):
+                buf[B:B + n, :, :L] = new
+            else:
+                for j, length in enumerate(lengths):
+                    buf[B + j, :, :length] = new[j, :, L - length:]
+        self._lengths += lengths
+        self.rows, self.cache_len = B + n, max(self._lengths)
 
     def _relayout(self, shift: int, right: bool = False) -> None:
         """Copy the running batch into the other buffer with `shift` more (or, < 0, fewer) positions of
@@ -275,6 +314,8 @@ class OnnxRuntimeBackend:
                       self._kv[1 - self._cur], logits)
             self._cur = 1 - self._cur
         self.rows, self.cache_len = B, T
+        if self.inplace:  # a prefill's rows (left-padded, if at all) all hold T positions; a step adds S to each
+            self._lengths = [T] * B if P == 0 else [length + S for length in self._lengths]
         out = logits if all_positions else logits[:, -1]
         if self.device.type == "cpu":  # a numpy copy stays on this thread (torch's clone of 50k floats would not)
             return torch.from_numpy(out.numpy().copy())
@@ -282,7 +323,7 @@ class OnnxRuntimeBackend:
 
     def present(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The cache after the last step as [B, H, past, D] views (for tests and debugging)."""
-        if self.inplace:
+        if self.inplace:  # left_aligned: row i's own positions are its first self._lengths[i]
             return [(self._static[2 * i][:self.rows, :, :self.cache_len],
                      self._static[2 * i + 1][:self.rows, :, :self.cache_len]) for i in range(self.config.n_layer)]
         return [(self._view(k, self.rows, self.cache_len), self._view(v, self.rows, self.cache_len))

@@ -18,6 +18,7 @@ import json
 import secrets
 import signal
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -162,11 +163,43 @@ class Metrics:
         scheduler.on_step = self.step_rows.observe
 
 
+class _EventPump:
+    """Hands the scheduler thread's events to the event loop(s) once per batch: `post` only queues, and
+    `flush` (a Scheduler.after_events hook: after each admission and each step) wakes each loop once for the
+    whole batch. One wake-up per event made the loop thread take the GIL from the scheduler thread once
+    per row and step, 16 times a step at batch 16."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, tuple]] = []
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:
+        with self._lock:
+            self._pending.append((loop, queue, event))
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] = {}
+        for loop, queue, event in batch:
+            by_loop.setdefault(loop, []).append((queue, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class _Bridge:
     """Carries one request's events from the scheduler thread to its handler on the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
-        self.loop, self.metrics = loop, metrics
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics, pump: _EventPump) -> None:
+        self.loop, self.metrics, self.pump = loop, metrics, pump
         self.queue: asyncio.Queue[tuple[int, str, bool, int]] = asyncio.Queue()
         self.index: dict[int, int] = {}  # id(completion) -> its choice index
         self.last_token_at: dict[int, float] = {}
@@ -184,7 +217,7 @@ class _Bridge:
                 self.metrics.itl.observe(now - last)
             self.last_token_at[index] = now
         # with the row's token count now: the logprobs that go with this text
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, text, done, len(c.tokens)))
+        self.pump.post(self.loop, self.queue, (index, text, done, len(c.tokens)))
 
     async def next_events(self) -> list[tuple[int, str, bool, int]]:
         """At least one event, and every other one already there (a slow reader gets them merged)."""
@@ -227,6 +260,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
 
     backend, tok = scheduler.backend, scheduler.backend.tokenizer
     metrics = Metrics(scheduler)
+    pump = _EventPump()
+    scheduler.after_events.append(pump.flush)
     CompletionRequest = completion_request_model()
     TokenizeRequest, DetokenizeRequest = tokenizer_request_models()
     state = {"draining": False}
@@ -423,7 +458,7 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
             raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
         if len(prompts) * req.n > MAX_CHOICES:
             raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than {MAX_CHOICES} completions", "n")
-        bridge = _Bridge(asyncio.get_running_loop(), metrics)
+        bridge = _Bridge(asyncio.get_running_loop(), metrics, pump)
         rows: list[Completion] = []  # choice k = prompt k // n, sample k % n (OpenAI's order)
         for prompt in prompts:
             for j in range(req.n):

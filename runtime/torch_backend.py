@@ -31,6 +31,7 @@ from runtime.backend import (
 class TorchBackend:
     max_batch = None  # as many rows as memory holds
     all_logits = True  # prefill_rows can return every position's logits (prompt log-probabilities)
+    left_aligned = False  # rows end together in the cache (runtime/backend.py)
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)

@@ -256,6 +256,7 @@ class TensorRTBackend:
     # other buffer, as in the onnxruntime backend. Everything runs on self.stream, ordered with the steps.
 
     all_logits = False  # prefill_rows returns the last position's logits only (no prompt log-probabilities)
+    left_aligned = False  # rows end together in the cache (runtime/backend.py)
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor, all_logits: bool = False) -> tuple[torch.Tensor, RowCache]:

@@ -33,12 +33,13 @@ def test_nodes_per_layer_and_what_onnxruntime_runs(tiny):
     assert counts["FastGelu"] == n and counts["LayerNormalization"] == 1  # tanh GELU; the first ln_1 only
     assert counts["Concat"] == 1  # the logits' shape, never the cache
     assert not any(counts.get(op) for op in ("Split", "Attention", "Gelu", "Reshape")) or counts["Reshape"] == 2
-    assert counts["Add"] == 1 + n  # the embeddings and each c_attn bias; the residual adds are SkipLayerNorm's
+    # the embeddings, seqlens_k's 1-based key positions and each c_attn bias; the residual adds are SkipLayerNorm's
+    assert counts["Add"] == 2 + n
     assert counts["Transpose"] == 4 * n  # the float weights' (folded at load), never an activation's
     quant = read_artifact(root / "int4")
     assert quant.spec.graph == "ort"  # the default for quantized exports
     ran = count_ort_optimized(quant.model_path)
-    assert ran["MatMulNBits"] == 4 * n + 1 and ran.get("MatMul", 0) == 0 and ran.get("Add", 0) <= 1
+    assert ran["MatMulNBits"] == 4 * n + 1 and ran.get("MatMul", 0) == 0 and ran.get("Add", 0) <= 2
     assert ran["GroupQueryAttention"] == n and ran.get("Concat", 0) <= 1
 
 
@@ -125,3 +126,17 @@ def test_export_cli_writes_the_ort_graph(tmp_path, capsys):
     proto = onnx.load(str(tmp_path / "demo-ort" / "model.onnx"))
     assert {o.domain for o in proto.opset_import} == {"", "com.microsoft"}
     assert LOGITS_TO_KEEP in [i.name for i in proto.graph.input]
+
+
+def test_right_padding_is_the_ort_graphs_and_older_artifacts_lack_it():
+    """The ort graph takes right-padded rows (runtime/ort_backend.py keeps them left-aligned) only when its
+    config says so: an ort artifact written before the field existed reads as False, so its rows stay
+    right-aligned, which its graph (every row's length = the mask's) needs."""
+    tiny = GPTConfig.preset("tiny")
+    assert ExportSpec.for_model(tiny, graph="ort").right_padding
+    assert not ExportSpec.for_model(tiny).right_padding
+    old = ExportSpec.for_model(tiny, graph="ort").to_dict()
+    del old["right_padding"]
+    assert ExportSpec.from_dict(old).right_padding is False
+    with pytest.raises(ValueError, match="right_padding"):
+        ExportSpec(graph="fused", right_padding=True)

@@ -57,7 +57,10 @@ def test_greedy_rows_equal_generate_alone_whatever_joins(backend, monkeypatch):
     monkeypatch.setattr(backend, "trim_left", lambda n: (trims.append(n), real_trim(n)))
     scheduler = Scheduler(backend, max_batch=4, max_queue=16)  # fewer rows than requests: some wait
     done = run_script(scheduler, SCRIPT, lambda n: SamplingParams(max_new_tokens=n, greedy=True))
-    assert trims, "the shared padded length never reached the context: trim_left untested"
+    if backend.left_aligned:  # each row from position 0: no padding in common, nothing to trim
+        assert not any(trims), trims
+    else:
+        assert trims, "the shared padded length never reached the context: trim_left untested"
     tok = backend.tokenizer
     for (text, n, _), c in zip(SCRIPT, done):
         alone = generate(backend, [tok.encode(text)], SamplingParams(max_new_tokens=n, greedy=True))
@@ -159,15 +162,61 @@ def test_row_operations_keep_each_rows_logits(backend):
     backend.release_row(2)  # row 3 moves into row 2
     order = [0, 1, 3]
     lengths = [lengths[i] for i in order]
-    backend.trim_left(P - max(lengths))
+    if not backend.left_aligned:  # left-aligned rows: the cache is already the longest remaining row's
+        backend.trim_left(P - max(lengths))
     P = backend.cache_len
     assert (backend.rows, P) == (3, len(prompts[0])) and P < max(map(len, prompts))
-    cached = torch.tensor(lengths)
-    mask = (torch.arange(P + 1)[None, :] >= (P - cached)[:, None]).long()
-    logits = backend.decode_one_token(torch.zeros(3, 1, dtype=torch.long).to(dev), mask.to(dev),
-                                      cached[:, None].to(dev)).float().cpu()
+    logits = backend.decode_one_token(*decode_inputs(backend, [0, 0, 0], lengths)).float().cpu()
     for row, i in enumerate(order):
         assert (logits[row] - expected[i][1][0]).abs().max().item() <= ROW_ATOL, i
+
+
+def decode_inputs(backend, tokens: list[int], cached: list[int]) -> tuple[torch.Tensor, ...]:
+    """A decode step's inputs for the running batch: each row's token at its own position, its mask over the
+    backend's cache_len + 1 positions in the backend's row layout (as the scheduler builds them)."""
+    P, n = backend.cache_len, torch.tensor(cached)
+    if backend.left_aligned:
+        mask = torch.arange(P + 1)[None, :] <= n[:, None]
+    else:
+        mask = torch.arange(P + 1)[None, :] >= (P - n)[:, None]
+    dev = backend.device
+    return torch.tensor(tokens)[:, None].to(dev), mask.long().to(dev), n[:, None].to(dev)
+
+
+@torch.inference_mode()
+def test_rows_prefilled_together_keep_their_logits(backend):
+    """Rows prefilled in one left-padded prefill_rows call and added together, beside a running row, then a
+    decode step, a release and another step: every row's logits stay those of its sequence alone (a
+    left-aligned backend drops each new row's left padding: one position too many or too few shows here)."""
+    tok, dev = backend.tokenizer, backend.device
+    texts = ("ROMEO:\nIs the day so young?", "A", "KING HENRY VI:\nO God! methinks", "JULIET:\n")
+    seqs = [tok.encode(t) for t in texts]
+
+    def alone(seq: list[int]) -> torch.Tensor:
+        ids = torch.tensor([seq])
+        return backend.prefill_rows(ids.to(dev), torch.ones_like(ids).to(dev),
+                                    torch.arange(len(seq))[None].to(dev))[0][0].float().cpu()
+
+    def prefill_together(group: list[list[int]]):
+        from runtime.loop import window_inputs
+        ids, mask, pos = window_inputs(group, backend.max_seq_len)
+        return backend.prefill_rows(ids.to(dev), mask.to(dev), pos.to(dev))
+
+    backend.reset(4, 64)
+    backend.add_rows(prefill_together(seqs[:1])[1])
+    logits, cache = prefill_together(seqs[1:])
+    for row, seq in enumerate(seqs[1:]):
+        assert (logits[row].float().cpu() - alone(seq)).abs().max().item() <= ROW_ATOL
+    backend.add_rows(cache)
+    assert (backend.rows, backend.cache_len) == (4, max(map(len, seqs)))
+    for step, token in enumerate((5, 7)):
+        logits = backend.decode_one_token(*decode_inputs(backend, [token] * len(seqs),
+                                                         [len(s) for s in seqs])).float().cpu()
+        seqs = [s + [token] for s in seqs]
+        for row, seq in enumerate(seqs):
+            assert (logits[row] - alone(seq)).abs().max().item() <= ROW_ATOL, (step, row)
+        backend.release_row(0)  # the last row (the longest prompt) moves into row 0
+        seqs = [seqs[-1], *seqs[1:-1]]
 
 
 def test_cancel_in_every_row_state_frees_its_slot(backend):
@@ -209,14 +258,15 @@ def test_cancel_in_every_row_state_frees_its_slot(backend):
 
 
 @torch.inference_mode()
-def test_trim_keeps_the_logits_of_the_shortest_and_longest_rows(backend, monkeypatch):
-    """Right after each trim_left, the shortest and the longest row of the batch get the logits their
-    sequence gets alone (a trim one position too far drops a real token of the longest row, which
-    rarely changes a greedy token)."""
+def test_row_operations_keep_the_logits_of_the_shortest_and_longest_rows(backend, monkeypatch):
+    """Right after each trim_left and each release_row, the shortest and the longest row of the batch get
+    the logits their sequence gets alone (a trim one position too far, or a released row's move one
+    position short, drops a real token of the longest row, which rarely changes a greedy token)."""
     scheduler = Scheduler(backend, max_batch=4, max_queue=16)
     trimmed, seen = [False], []
-    real_trim, real_sample = backend.trim_left, scheduler._sample
+    real_trim, real_release, real_sample = backend.trim_left, backend.release_row, scheduler._sample
     monkeypatch.setattr(backend, "trim_left", lambda n: (trimmed.__setitem__(0, n > 0), real_trim(n)))
+    monkeypatch.setattr(backend, "release_row", lambda i: (trimmed.__setitem__(0, True), real_release(i)))
 
     def sample(rows, logits):
         if trimmed[0] and len(rows) > 1:  # the decode step right after a trim
@@ -226,7 +276,7 @@ def test_trim_keeps_the_logits_of_the_shortest_and_longest_rows(backend, monkeyp
 
     monkeypatch.setattr(scheduler, "_sample", sample)
     run_script(scheduler, SCRIPT, lambda n: SamplingParams(max_new_tokens=n, greedy=True))
-    assert seen, "no trim happened with several rows in the batch"
+    assert seen, "no trim or release happened with several rows in the batch"
     for seqs, logits in seen:
         lengths = [len(s) for s in seqs]
         for i in {lengths.index(min(lengths)), lengths.index(max(lengths))}:
@@ -307,3 +357,25 @@ def test_requests_joining_together_share_one_prefill(backend, monkeypatch):
         scheduler.step()
     for (prompt, params), c in zip(jobs, rows):
         assert c.tokens == generate(backend, [prompt], params).tokens[0], params
+
+
+def test_event_hooks_run_after_the_admission_and_after_the_step(backend, monkeypatch):
+    """after_events runs once the joining rows' first tokens are out (before the decode step, which would delay
+    them by a step) and once the step's tokens are out; the server wakes its event loop there, once per batch."""
+    log: list[str] = []
+    real = backend.decode_one_token
+    monkeypatch.setattr(backend, "decode_one_token", lambda *a: (log.append("decode"), real(*a))[1])
+    scheduler = Scheduler(backend, max_batch=2, max_queue=2)
+    scheduler.after_events.append(lambda: log.append("events"))
+    c = Completion(backend.tokenizer.encode("ROMEO:\n"), SamplingParams(max_new_tokens=3, greedy=True),
+                   on_event=lambda c, text, done: log.append("done" if done else "token"))
+    scheduler.submit([c])
+    scheduler.step()
+    assert log == ["token", "events", "decode", "token", "events"]
+    scheduler.step()
+    assert log[5:] == ["events", "decode", "token", "done", "events"]
+    later = Completion(backend.tokenizer.encode("A"), SamplingParams(max_new_tokens=50, greedy=True),
+                       on_event=lambda c, text, done: log.append("cancelled" if done else "token"))
+    scheduler.submit([later])
+    scheduler.close()  # ends the waiting request as cancelled: its event is handed over too
+    assert log[10:] == ["cancelled", "events"] and later.finish_reason == "cancelled"
