@@ -355,7 +355,7 @@ def markdown(doc: dict) -> str:
         f"after the load; the medians of each) | {off['decode_tokens_per_s']['median']:.1f} "
         f"({off['before']['median']:.1f}, {off['after']['median']:.1f}) |",
         f"| server aggregate (tokens/s) | {on['tokens_per_s']:.1f} |",
-        f"| server ÷ offline (target ≥ {TARGET_SHARE:.0%}) | {share:.0%} "
+        f"| server ÷ offline (target ≥ {TARGET_SHARE:.0%}) | {share:.1%} "
         f"{'met' if doc['target']['met'] else 'MISSED'} |",
         f"| requests completed / errors / lost | {on['completed']} / {on['errors']} / {on['lost']} |",
         f"| completion tokens (clients' usage / server's counter) | {on['completion_tokens']} / "

@@ -379,3 +379,28 @@ def test_event_hooks_run_after_the_admission_and_after_the_step(backend, monkeyp
     scheduler.submit([later])
     scheduler.close()  # ends the waiting request as cancelled: its event is handed over too
     assert log[10:] == ["cancelled", "events"] and later.finish_reason == "cancelled"
+
+
+def test_an_ort_artifact_without_right_padding_keeps_rows_right_aligned(demo_ort, tmp_path):
+    """ort artifacts written before right_padding existed took every row's length to be the mask's: the backend
+    must not left-align their rows. Such a config (the field removed) gets right-aligned rows, trims, and each
+    request still gets its tokens alone."""
+    import json
+    import shutil
+
+    from runtime.open_backend import open_backend
+
+    assert open_backend("onnxruntime", str(demo_ort), threads=1).left_aligned
+    old = tmp_path / "old"
+    shutil.copytree(demo_ort, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["export"]["right_padding"]
+    (old / "config.json").write_text(json.dumps(config))
+    backend = open_backend("onnxruntime", str(old), threads=1)
+    assert not backend.left_aligned
+    scheduler = Scheduler(backend, max_batch=4, max_queue=16)
+    done = run_script(scheduler, SCRIPT[:4], lambda n: SamplingParams(max_new_tokens=n, greedy=True))
+    tok = backend.tokenizer
+    for (text, n, _), c in zip(SCRIPT, done):
+        alone = generate(backend, [tok.encode(text)], SamplingParams(max_new_tokens=n, greedy=True))
+        assert c.tokens == alone.tokens[0], text
