@@ -419,10 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         module, server_args = "runtime.ray_serve", [*server_args, "--replicas", str(s["ray_replicas"])]
     log(f"online: starting the server, then {s['clients']} streaming clients for {s['duration']:.0f} s ...")
     with ServerProcess(server_args, module=module) as server:
-        cpu_load = cpu_snapshot(), process_cpu_s(server.proc.pid), os.times()
+        load_start = cpu_snapshot(), process_cpu_s(server.proc.pid), os.times()
         records, t0, t1 = asyncio.run(run_clients(server.url, s["clients"], s["duration"], prompts, lengths,
                                                   "bench"))
-        cpu_load = load_cpu_shares(*cpu_load, server.proc.pid, os.cpu_count() or 1)
+        cpu_load = load_cpu_shares(*load_start, server.proc.pid, os.cpu_count() or 1)
         server_tokens = server_token_count(server.url, max(1, s["ray_replicas"]))
         status = server.stop()
     online = summarize_run(records, t0, t1, server_tokens)

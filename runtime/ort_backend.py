@@ -189,10 +189,7 @@ class OnnxRuntimeBackend:
 
     def trim_left(self, n: int) -> None:
         check_trim(self, n)
-        if self.left_aligned and n:
-            if n > min(self._lengths):
-                raise BackendUsageError(f"cannot trim {n} positions: the shortest row has {min(self._lengths)}")
-            self._lengths = [length - n for length in self._lengths]
+        self._trim_lengths(n)
         if self.inplace:
             static_trim_left(self._static, self.rows, self.cache_len, n)
             self.cache_len -= n
@@ -217,13 +214,18 @@ class OnnxRuntimeBackend:
 
     def trim_right(self, n: int) -> None:
         check_trim(self, n)
-        if self.left_aligned and n > min(self._lengths):
-            raise BackendUsageError(f"cannot trim {n} positions: the shortest row has {min(self._lengths)}")
+        self._trim_lengths(n)
         if self.inplace:  # positions past cache_len are written again before they are read
-            self._lengths = [length - n for length in self._lengths]
             self.cache_len -= n
         elif n:
             self._relayout(-n, right=True)
+
+    def _trim_lengths(self, n: int) -> None:
+        """Left-aligned rows: a trim of n positions (either end) shortens every row by n, the shortest included."""
+        if self.left_aligned and n:
+            if n > min(self._lengths):
+                raise BackendUsageError(f"cannot trim {n} positions: the shortest row has {min(self._lengths)}")
+            self._lengths = [length - n for length in self._lengths]
 
     def _add_left_aligned(self, cache: RowCache) -> None:
         """add_rows with left-aligned rows: each new row's real positions (the last cache.lengths[j] of its L) go
@@ -314,7 +316,7 @@ class OnnxRuntimeBackend:
                       self._kv[1 - self._cur], logits)
             self._cur = 1 - self._cur
         self.rows, self.cache_len = B, T
-        if self.inplace:  # a prefill's rows (left-padded, if at all) all hold T positions; a step adds S to each
+        if self.left_aligned:  # a prefill's rows (left-padded, if at all) all hold T positions; a step adds S to each
             self._lengths = [T] * B if P == 0 else [length + S for length in self._lengths]
         out = logits if all_positions else logits[:, -1]
         if self.device.type == "cpu":  # a numpy copy stays on this thread (torch's clone of 50k floats would not)
