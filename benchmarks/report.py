@@ -17,7 +17,7 @@ from benchmarks.roofline import (
 LABELS = {"torch": "torch (reference)", "transformers": "transformers generate", "ort-fused": "onnxruntime fused",
           "ort-decomposed": "onnxruntime decomposed", "ort-ortgraph": "onnxruntime ort graph",
           "ort-int8": "onnxruntime int8 (ort graph)", "ort-int4": "onnxruntime int4 (ort graph)",
-          "ort-int4-fused": "onnxruntime int4, fused graph",
+          "ort-int4-fused": "onnxruntime int4, fused graph", "ort-int4-b128": "onnxruntime int4 block 128 (ort graph)",
           "bare-fp32": "bare ORT loop fp32 (reference)", "bare-int4": "bare ORT loop int4 (reference)",
           "ct2-fp32": "CTranslate2 fp32", "ct2-int8": "CTranslate2 int8", "genai-fp32": "onnxruntime-genai fp32",
           "genai-int4": "onnxruntime-genai int4", "llama-q4_0": "llama.cpp Q4_0", "llama-q8_0": "llama.cpp Q8_0",
@@ -25,7 +25,8 @@ LABELS = {"torch": "torch (reference)", "transformers": "transformers generate",
           "ov-fp32": "OpenVINO GenAI fp32 file", "tensorrt": "tensorrt"}
 # the artifact kind (run.py) whose weights a row reads; rows not listed read the fp32 weights, except
 # CTranslate2 int8 and the llama.cpp / OpenVINO rows, whose byte counts are their own (no bandwidth share shown)
-ROW_WEIGHTS = {"ort-int8": "int8", "ort-int4": "int4", "ort-int4-fused": "int4-fused", "bare-int4": "int4",
+ROW_WEIGHTS = {"ort-int8": "int8", "ort-int4": "int4", "ort-int4-fused": "int4-fused", "ort-int4-b128": "int4-b128",
+               "bare-int4": "int4",
                "genai-int4": "int4-fused", "ct2-int8": None, "llama-q4_0": None, "llama-q8_0": None, "ov-int4": None,
                "ov-int8": None, "ov-fp32": None}
 QUANT_TARGETS = (  # (key, description, required, "min" | "max")

@@ -183,9 +183,10 @@ def prepare_model(settings: dict, src: str | None, cache: Path) -> tuple[str, An
 
 def prepare_artifact(model_src: str, kind: str, cache: Path) -> Path:
     """kind: fused | decomposed | ortgraph (fp32) | int8 | int4 (weight-only quantized, default block, the ort graph
-    as shipped) | int4-fused (the same weights in the fused graph)."""
+    as shipped) | int4-fused (the same weights in the fused graph) | int4-b128 (block 128, the ort graph)."""
     opset = DECOMPOSED_OPSET if kind == "decomposed" else DEFAULT_OPSET
     quantize = kind.split("-")[0] if kind.startswith(("int8", "int4")) else None
+    quant_block = int(kind.rsplit("-b", 1)[1]) if "-b" in kind else None
     graph = {"decomposed": "decomposed", "ortgraph": "ort", "int4-fused": "fused", "fused": "fused"}.get(kind)
     out = cache / f"onnx-{kind}-{source_key(model_src)}-{code_hash('export', 'model')}"
     if (out / "config.json").is_file():
@@ -196,7 +197,7 @@ def prepare_artifact(model_src: str, kind: str, cache: Path) -> Path:
     # a quantized graph's quality is judged on trained weights (its export's verify step and the README);
     # on the benchmark's random weights only its graph is checked (ORT's fusion and the fp32-compute parity)
     export_artifact(model_src, out, graph=graph, opset=opset, verify=True, verify_steps=4, parity_cases=0,
-                    quantize=quantize, quality_seqs=0, log=lambda s: log("  " + s))
+                    quantize=quantize, quant_block=quant_block, quality_seqs=0, log=lambda s: log("  " + s))
     return out
 
 

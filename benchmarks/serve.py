@@ -50,7 +50,7 @@ from model.errors import CliParser, ModelError, require_extra, run_cli
 from model.files import write_atomic
 from runtime.loop import SamplingParams, generate
 from runtime.open_backend import open_backend
-from runtime.serve import SERVE_MODULES
+from runtime.serve import SERVE_MODULES, stream_interval_arg
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "out" / "serve"
@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", choices=sorted(GRAPH_KINDS), default="ort",
                    help="the fp32 artifact's graph: ort (ONNX Runtime's fused operators, the KV cache written in "
                         "place: the CPU serving graph) or fused (the portable one) (default: %(default)s)")
-    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
-                   help="the server's --stream-interval: a chunk every N new tokens of a row (default: %(default)s)")
+    p.add_argument("--stream-interval", default=None, metavar="N|auto",
+                   help="the server's --stream-interval: a chunk every N new tokens of a row, or auto "
+                        "(default: the server's own: 1 for runtime.serve, auto for runtime.ray_serve)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: out/serve)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help="where the model and its ONNX export are kept between runs (default: artifacts/bench)")
@@ -294,9 +295,12 @@ def resolve(a: argparse.Namespace) -> dict[str, Any]:
         raise ModelError("--quick uses the demo model; drop --model or --quick")
     if a.ray_replicas < 0:
         raise ModelError(f"--ray-replicas must be >= 0, got {a.ray_replicas}")
-    if a.stream_interval < 1:
-        raise ModelError(f"--stream-interval must be >= 1, got {a.stream_interval}")
-    s.update(threads=a.threads, seed=a.seed, ray_replicas=a.ray_replicas, stream_interval=a.stream_interval,
+    interval = a.stream_interval or ("auto" if a.ray_replicas else "1")
+    try:
+        stream_interval_arg(interval)
+    except argparse.ArgumentTypeError as e:
+        raise ModelError(f"--stream-interval {e}") from None
+    s.update(threads=a.threads, seed=a.seed, ray_replicas=a.ray_replicas, stream_interval=interval,
              graph=a.graph)
     return s
 

@@ -56,7 +56,8 @@ USAGE_BLOCKS = {
     "usage-trt": ("tensorrt.md", ("export.trt", "benchmarks.gpu_check", "benchmarks.kernel_timing")),
     "usage-runtime": ("runtime.md", ("runtime.generate", "runtime.demo")),
     "usage-serve": ("serving.md", ("runtime.serve", "runtime.ray_serve", "benchmarks.serve", "benchmarks.harness")),
-    "usage-bench": ("benchmarks.md", ("benchmarks.run", "benchmarks.profile_ort", "benchmarks.speculate")),
+    "usage-bench": ("benchmarks.md", ("benchmarks.run", "benchmarks.profile_ort", "benchmarks.speculate",
+                                      "benchmarks.int4_kernels")),
 }
 
 

@@ -2,7 +2,7 @@
 
     python -m export.onnx --model SRC --out DIR [--dtype float32|float16] [--opset N]
                           [--graph fused|decomposed|ort] [--max-seq-len N] [--all-logits] [--force]
-                          [--quantize int8|int4 [--quant-block N] [--float-lm-head]]
+                          [--quantize int8|int4 [--quant-block N|auto] [--float-lm-head]]
 
 SRC: demo, a Hugging Face GPT-2 folder or hub id, a nanoGPT ckpt.pt, or an artifact folder.
 Opset >= 23 gives the fused graph (Attention + Gelu + LayerNormalization); opset 17..22 the
@@ -17,6 +17,7 @@ through the runtime's backends.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import shutil
@@ -56,6 +57,13 @@ from model.load import load_model
 from model.tokenizer import BPE_DIR, BPE_SHA256
 
 EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph
+# --quant-block auto tries these, coarsest first: fewer scales to read and multiply make MatMulNBits faster on the
+# CPU (docs/benchmarks.md: gpt2 int4 block 128 decodes 1.15-1.45x faster than block 32 at batch 1)
+AUTO_QUANT_BLOCKS = (128, 64, 32)
+
+
+class QualityBoundsMissed(ModelError):
+    """A quantized export that passed every check but the held-out quality bounds (a coarser block's usual miss)."""
 
 
 def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
@@ -63,10 +71,12 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
                     all_logits: bool = False, force: bool = False, verify: bool = True, verify_steps: int = 8,
                     parity_cases: int = 16, quantize: str | None = None, quant_block: int | None = None,
                     quant_lm_head: bool = True,
-                    quality_seqs: int = 16, log: Callable[[str], None] = print) -> dict[str, Any]:
+                    quality_seqs: int = 16, log: Callable[[str], None] = print,
+                    loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Write the artifact DIR atomically; returns a summary (paths, node counts, parity figures).
     Raises ModelError on bad input or failed verification, leaving nothing behind.
-    The choices become the artifact's ExportSpec (model/artifact.py), which states their defaults and rules."""
+    The choices become the artifact's ExportSpec (model/artifact.py), which states their defaults and rules.
+    loaded: (model, tokenizer) already loaded from src (export_auto_block's tries)."""
     out_dir = Path(out_dir)
     check_destination(out_dir, force)
 
@@ -78,7 +88,7 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
         log(f"[{name:<7}] {now - clock[0]:6.2f}s  {detail}".rstrip())
         clock[0] = now
 
-    model, tokenizer = load_model(src)
+    model, tokenizer = loaded or load_model(src)
     config = model.config
     try:
         spec = ExportSpec.for_model(config, dtype=dtype, opset=opset, graph=graph, max_seq_len=max_seq_len,
@@ -142,6 +152,30 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
     summary["seconds"] = time.perf_counter() - t0
     log(f"wrote {out_dir} in {summary['seconds']:.1f}s")
     return summary
+
+
+def export_auto_block(src: str | os.PathLike, out_dir: str | os.PathLike, *, log: Callable[[str], None] = print,
+                      **options: Any) -> dict[str, Any]:
+    """--quant-block auto: export with the coarsest block of AUTO_QUANT_BLOCKS that divides the model's input
+    features and meets the quality bounds on held-out text (verify's step 3), trying the next finer one after a
+    quality miss. Any other failure ends it. options: export_artifact's, with quantize and the quality check on."""
+    if not options.get("quantize") or not options.get("verify", True) or not options.get("quality_seqs", 16):
+        raise ModelError("--quant-block auto needs --quantize and verify's quality check (no --no-verify)")
+    model, tokenizer = load_model(src)
+    blocks = [b for b in AUTO_QUANT_BLOCKS if model.config.n_embd % b == 0]  # 4 * n_embd then too
+    if not blocks:
+        raise ModelError(f"--quant-block auto: none of {AUTO_QUANT_BLOCKS} divides n_embd {model.config.n_embd}")
+    missed = []
+    for block in blocks:
+        try:
+            summary = export_artifact(src, out_dir, quant_block=block, loaded=(model, tokenizer), log=log, **options)
+        except QualityBoundsMissed as e:
+            missed.append({"block": block, "why": str(e).removeprefix("verification failed: ")})
+            log(f"block {block} misses the quality bounds ({missed[-1]['why']})")
+            continue
+        return {**summary, "quant_block": block, "coarser_blocks_missed": missed}
+    raise ModelError(f"--quant-block auto: blocks {', '.join(map(str, blocks))} all miss the quality bounds "
+                     f"(block {blocks[-1]}: {missed[-1]['why']})")
 
 
 def verify_artifact(model: Any, artifact_dir: Path, dtype: str, *, n_vocab: int, steps: int = 8,
@@ -227,7 +261,10 @@ def verify_quantized(model: Any, artifact_dir: Path, spec: ExportSpec, tokenizer
         with torch_threads(1):
             quality = quality_report(model, shipped, tokenizer, seqs=seqs)
         log(f"          quality ({name}, as onnxruntime runs it): {format_quality(quality, name)}")
-        problems += check_bounds(quality, name)
+        missed = check_bounds(quality, name)
+        if missed and not problems and not quality["nan"]:
+            raise QualityBoundsMissed("verification failed: " + "; ".join(missed))
+        problems += missed
     else:  # the API's quality_seqs=0 (the benchmark's random weights): no meaningful held-out text
         log("          quality: not measured (quality_seqs=0)")
     if problems:
@@ -264,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parity-cases", type=int, default=16,
                    help="random cases in the verify step's parity report (default: %(default)s)")
     p.add_argument("--quantize", choices=tuple(QUANT_BITS), help="weight-only quantization of every Linear and lm_head")
-    p.add_argument("--quant-block", type=int,
+    p.add_argument("--quant-block", type=quant_block_arg, metavar="N|auto",
                    help=f"input features per quantization block (power of two >= 16; default: {DEFAULT_QUANT_BLOCK}; "
-                        "export.trt takes int4 at 64 or 128 with --graph fused, and refuses the rest)")
+                        "export.trt takes int4 at 64 or 128 with --graph fused, and refuses the rest); auto: the "
+                        f"coarsest of {', '.join(map(str, AUTO_QUANT_BLOCKS))} that meets the quality bounds")
     p.add_argument("--float-lm-head", action="store_true",
                    help="with --quantize: keep the lm_head in the float dtype (better top-1 at a coarse block)")
     p.add_argument("--quality-seqs", type=int, default=16,
@@ -276,12 +314,25 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelError("--float-lm-head needs --quantize")
     if a.verify_steps < 1 or a.parity_cases < 0 or a.quality_seqs < 1:
         raise ModelError("--verify-steps and --quality-seqs must be >= 1 and --parity-cases >= 0")
-    export_artifact(a.model, a.out, dtype=a.dtype, opset=a.opset, graph=a.graph, max_seq_len=a.max_seq_len,
-                    all_logits=a.all_logits, force=a.force, verify=not a.no_verify, verify_steps=a.verify_steps,
-                    parity_cases=a.parity_cases, quantize=a.quantize, quant_block=a.quant_block,
-                    quant_lm_head=not a.float_lm_head,
-                    quality_seqs=a.quality_seqs, log=lambda s: print(s, flush=True))
+    options = dict(dtype=a.dtype, opset=a.opset, graph=a.graph, max_seq_len=a.max_seq_len, all_logits=a.all_logits,
+                   force=a.force, verify=not a.no_verify, verify_steps=a.verify_steps, parity_cases=a.parity_cases,
+                   quantize=a.quantize, quant_lm_head=not a.float_lm_head, quality_seqs=a.quality_seqs,
+                   log=lambda s: print(s, flush=True))
+    if a.quant_block == "auto":
+        summary = export_auto_block(a.model, a.out, **options)
+        print(f"--quant-block auto chose block {summary['quant_block']}", flush=True)
+    else:
+        export_artifact(a.model, a.out, quant_block=a.quant_block, **options)
     return 0
+
+
+def quant_block_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or 'auto', got {text!r}") from None
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ class ReplicaSpec:
     api_key: str | None = None
     served_model_name: str | None = None
     max_body_bytes: int = http.DEFAULT_MAX_BODY_BYTES
-    stream_interval: int = 1
+    stream_interval: int = http.STREAM_INTERVAL_AUTO  # each chunk is a hop replica -> proxy: fewer in a full batch
     artifact_sha256: str | None = None  # config.json's sha256 as the deploying machine read it
 
     @property
@@ -330,6 +330,7 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
     node_env = {PROXY_CALLBACK_ENV: PROXY_CALLBACK, **THROUGHPUT_ENV}
     tmp.write_text("# serve deploy this file on a cluster whose nodes were started (ray start) with this environment\n"
                    "# (docs/serving.md):\n" + "".join(f"#   {k}={v}\n" for k, v in node_env.items())
+                   + "# args.stream_interval 0 is --stream-interval auto (a chunk every ceil(rows / 4) tokens)\n"
                    + yaml.safe_dump(config, sort_keys=False))
     os.replace(tmp, path)
 
@@ -337,6 +338,7 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = http.build_parser()
     p.prog = "python -m runtime.ray_serve"
+    p.set_defaults(stream_interval="auto")  # every chunk crosses from the replica to Ray's proxy (docs/serving.md)
     p.description = __doc__
     g = p.add_argument_group("Ray Serve")
     g.add_argument("--replicas", type=int, default=None, metavar="N", help="fixed replica count (default: 1)")
@@ -358,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelError("--replicas is a fixed count; give it or --min-replicas/--max-replicas, not both")
     for flag, value, low in (("--replicas", args.replicas, 1), ("--min-replicas", args.min_replicas, 0),
                              ("--max-replicas", args.max_replicas, 1), ("--max-batch", args.max_batch, 1),
-                             ("--max-queue", args.max_queue, 1), ("--port", args.port, 0),
-                             ("--stream-interval", args.stream_interval, 1)):
+                             ("--max-queue", args.max_queue, 1), ("--port", args.port, 0)):
         if value is not None and value < low:
             raise ModelError(f"{flag} must be >= {low}, got {value}")
     if args.min_replicas is not None and args.max_replicas is not None and args.min_replicas > args.max_replicas:

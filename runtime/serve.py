@@ -133,7 +133,27 @@ class ServeConfig:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    stream_interval: int = 1  # a streamed row's chunk carries up to this many new tokens (its first goes at once)
+    stream_interval: int = 1  # a streamed row's chunk carries up to this many new tokens (its first goes at once);
+    # STREAM_INTERVAL_AUTO: ceil(rows in the batch / AUTO_CHUNKS_PER_STEP), see stream_interval_arg
+
+
+STREAM_INTERVAL_AUTO = 0
+AUTO_CHUNKS_PER_STEP = 4
+
+
+def stream_interval_arg(text: str) -> int:
+    """--stream-interval N | auto. auto: a row sends a chunk every ceil(rows / 4) new tokens, so a decode step sends
+    about 4 chunks in all whatever the batch: per token at up to 4 rows, fewer, larger chunks in a full batch. Where
+    each chunk costs a hop between processes (Ray Serve's replica -> proxy) that cost stops growing with the batch."""
+    if text == "auto":
+        return STREAM_INTERVAL_AUTO
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or 'auto', got {text!r}")
+    return n
 
 
 class Metrics:
@@ -532,13 +552,14 @@ def create_app(scheduler: Scheduler, config: ServeConfig):
                                 open_rows, ended[k] = open_rows - 1, True
                             else:
                                 held[k], unsent[k] = held[k] + text, unsent[k] + 1
+                        interval = config.stream_interval or -(-scheduler.active // AUTO_CHUNKS_PER_STEP)
                         for k in touched:
                             c = rows[k]
                             if ended[k]:
                                 if c.finish_reason not in FINISH:  # error or cancelled: reported below
                                     continue
                                 text, finish = c.text[sent[k]:], FINISH[c.finish_reason]  # what the last token released
-                            elif chunks_sent[k] == int(req.echo) or unsent[k] >= config.stream_interval:
+                            elif chunks_sent[k] == int(req.echo) or unsent[k] >= interval:
                                 text, finish = held[k], None  # a row's first text goes at once
                             else:
                                 continue
@@ -618,9 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model id in /v1/models and responses (default: the --model folder's name)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                    help="larger request bodies get 413 (default: %(default)s)")
-    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+    p.add_argument("--stream-interval", type=stream_interval_arg, default="1", metavar="N|auto",
                    help="send a streaming row's text every N new tokens (its first token and its end at once): "
-                        "fewer, larger SSE chunks cost the server and clients less per token (default: %(default)s)")
+                        "fewer, larger SSE chunks cost the server and clients less per token; auto: every "
+                        f"ceil(rows in the batch / {AUTO_CHUNKS_PER_STEP}) tokens (default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
                    help="on SIGTERM, wait at most this long for requests in flight (default: %(default)s)")
     add_backend_flags(p)
@@ -637,8 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         raise ModelError(f"--port must be in 0..65535, got {args.port}")
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-body-bytes", args.max_body_bytes, 1024),
-                             ("--stream-interval", args.stream_interval, 1)):
+                             ("--max-body-bytes", args.max_body_bytes, 1024)):
         if value < low:
             raise ModelError(f"{flag} must be >= {low}, got {value}")
     if not args.drain_timeout > 0:

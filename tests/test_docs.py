@@ -92,7 +92,7 @@ def test_readme_is_an_entrance():
 def test_named_modules_tests_and_links_exist():
     for path in DOC_FILES:
         text = path.read_text()
-        for module in set(re.findall(r"python3? -m ([a-z_]+(?:\.[a-z_]+)+)", text)):
+        for module in set(re.findall(r"python3? -m ([a-z_]+(?:\.[a-z0-9_]+)+)", text)):
             assert importlib.util.find_spec(module) is not None, f"{path.name}: python -m {module}"
         for test in set(re.findall(r"\b(test_[a-z0-9_]+\.py)", text)):
             assert (ROOT / "tests" / test).exists(), f"{path.name}: {test}"

@@ -619,6 +619,30 @@ def test_stream_interval_sends_every_n_tokens_and_joins_to_the_whole(demo, echo,
         assert chunks[-1]["finish_reason"] == "length" and counts[-1] <= 3 and sum(counts) == 20
 
 
+@pytest.mark.parametrize("n_rows, interval", [(4, 1), (5, 2)])
+def test_stream_interval_auto_follows_the_rows_in_the_batch(demo, n_rows, interval, monkeypatch):
+    """--stream-interval auto: a chunk every ceil(rows / 4) new tokens (per token at 4 rows, 2 at 5); the
+    pieces join to the whole. Steps slowed as above so that the reader keeps up."""
+    from fastapi.testclient import TestClient
+
+    from runtime.scheduler import Scheduler
+    from runtime.serve import STREAM_INTERVAL_AUTO, ServeConfig, create_app
+
+    step = demo.decode_one_token
+    monkeypatch.setattr(demo, "decode_one_token", lambda *a, **k: (time.sleep(0.02), step(*a, **k))[1])
+    body = dict(prompt=PROMPTS[:n_rows], max_tokens=12, temperature=0, logprobs=0)
+    config = ServeConfig(model_name="demo", stream_interval=STREAM_INTERVAL_AUTO)
+    with TestClient(create_app(Scheduler(demo, 8, 8), config)) as c:
+        whole = c.post("/v1/completions", json=body).json()["choices"]
+        parts = _stream_parts(c, body)
+    assert len(parts) == n_rows
+    for choice in whole:
+        chunks = parts[choice["index"]]
+        assert "".join(ch["text"] for ch in chunks) == choice["text"]
+        counts = [len(ch["logprobs"]["tokens"]) for ch in chunks]
+        assert counts[0] == 1 and all(n == interval for n in counts[1:-1]) and sum(counts) == 12, counts
+
+
 def test_stream_interval_keeps_the_text_held_back_for_a_stop_string(gpt2_eot):
     """The row ends at end-of-text with text held back for a possible stop string and tokens held for the
     interval: the last chunk carries both."""
