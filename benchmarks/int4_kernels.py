@@ -18,6 +18,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from model.errors import CliParser, ModelError, run_cli
 
@@ -37,9 +40,6 @@ def seconds_per_call(fn: Callable[[np.ndarray], object], x: np.ndarray, budget_s
 
 def matmul_nbits(k: int, n: int, block: int, accuracy_level: int, threads: int):
     """An onnxruntime session of one com.microsoft MatMulNBits node (random int4 weights and scales)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
     packed = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)  # two 4-bit values a byte
     scales = (rng.random(n * (k // block), dtype=np.float32) * 0.01).astype(np.float32)
@@ -58,8 +58,6 @@ def matmul_nbits(k: int, n: int, block: int, accuracy_level: int, threads: int):
 
 def torch_int4(k: int, n: int, block: int):
     """torch's CPU int4 kernel on random weights: x [M, k] float32 -> [M, n]."""
-    import torch
-
     if n % 16:
         return None  # its packing needs N divisible by 16 (gpt2's vocabulary, 50257, is not)
     q = torch.randint(0, 16, (n, k), dtype=torch.int32)
@@ -79,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     for b in a.blocks:
         if b < 16 or b & (b - 1) or any(k % b for k, _ in GPT2_SHAPES):
             raise ModelError(f"--blocks: {b} is not a power of two >= 16 dividing 768 and 3072")
-    import torch
-
     torch.set_num_threads(a.threads)
     rng = np.random.default_rng(1)
     print(f"{a.threads} threads; time per call, and GMAC/s = M*K*N / time; weight bytes: 4 bits + a 4-byte scale "
