@@ -222,3 +222,18 @@ def test_missing_peer_is_skipped_with_the_reason(backend, module, monkeypatch, t
     with pytest.raises(Unavailable, match="not installed"):
         open_for_bench({"backend": backend, "model_src": "demo", "artifact": str(tmp_path), "threads": 1,
                         "workdir": str(tmp_path)})
+
+
+@pytest.mark.parametrize("kind, quantize, block, graph", [
+    ("int4", "int4", None, None), ("int8", "int8", None, None), ("int4-fused", "int4", None, "fused"),
+    ("int4-b128", "int4", 128, None), ("fused", None, None, "fused")])
+def test_each_artifact_kind_exports_what_its_row_names(kind, quantize, block, graph, monkeypatch, tmp_path):
+    """benchmarks.run's artifact kinds -> the export's choices (the block-128 row really is block 128)."""
+    from benchmarks import run
+
+    calls = []
+    monkeypatch.setattr(run, "export_artifact", lambda src, out, **kw: calls.append(kw))
+    run.prepare_artifact("demo", kind, tmp_path)
+    assert len(calls) == 1
+    kw = calls[0]
+    assert (kw["quantize"], kw.get("quant_block"), kw["graph"]) == (quantize, block, graph)
