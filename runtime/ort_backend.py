@@ -233,8 +233,9 @@ class OnnxRuntimeBackend:
         B, n, L = self.rows, cache.rows, cache.length
         lengths = cache.lengths or [L] * n
         check_room(self._capacity, B + n, max([self.cache_len, *lengths]))
+        unpadded = all(length == L for length in lengths)
         for buf, new in zip(self._static, [t for kv in cache.layers for t in kv]):
-            if all(length == L for length in lengths):
+            if unpadded:
                 buf[B:B + n, :, :L] = new
             else:
                 for j, length in enumerate(lengths):
