@@ -39,11 +39,11 @@ RUNTIME_BACKENDS = {"torch": "torch", "ort-fused": "onnxruntime", "ort-decompose
 WARMUP_NEW_TOKENS = 16  # a decode warm-up only needs to touch every kernel and buffer once, not to be long
 MIN_TIMED_RUNS = 2  # a workload stops repeating at its time budget, but never below this (a spread needs two)
 DEFAULT_BACKENDS = ("torch", "transformers", "ort-fused", "ort-decomposed", "ort-ortgraph", "ort-int8", "ort-int4",
-                    "ort-int4-fused", "bare-fp32", "bare-int4", "ct2-fp32", "ct2-int8", "genai-fp32", "genai-int4",
-                    "llama-q4_0", "llama-q8_0", "ov-int4", "ov-int8", "tensorrt")
-# the peers at full precision: a check of their conversion (greedy tokens vs torch), and our int4 at OpenVINO's
-# group size (block 128: its quality is model-dependent, docs/quantization.md), only when asked for
-ALL_BACKENDS = (*DEFAULT_BACKENDS, "llama-f32", "ov-fp32", "ort-int4-b128")
+                    "ort-int4-b128", "ort-int4-fused", "bare-fp32", "bare-int4", "ct2-fp32", "ct2-int8", "genai-fp32",
+                    "genai-int4", "llama-q4_0", "llama-q8_0", "ov-int4", "ov-int8", "tensorrt")
+# the peers at full precision, only when asked for: a check of their conversion (greedy tokens vs torch).
+# ort-int4-b128 is our int4 at OpenVINO's group size (its quality is model-dependent, docs/quantization.md)
+ALL_BACKENDS = (*DEFAULT_BACKENDS, "llama-f32", "ov-fp32")
 PEER_PREFIXES = ("bare-", "ct2-", "genai-", "llama-", "ov-")
 # which artifact each row runs (benchmarks/run.prepare_artifact): the fp32 fused graph, the decomposed one, the fp32
 # ort graph, the quantized exports as shipped (the ort graph) or the int4 fused graph (the quantized graph before

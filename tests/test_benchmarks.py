@@ -183,6 +183,29 @@ def test_quantization_and_peer_targets():
     assert report.quant_targets({}, {})["int4_b1"]["measured"] is None
 
 
+def test_issue19_targets_divide_each_int4_row_by_the_peer_at_the_same_batch():
+    from benchmarks import report
+
+    def row(b1: float, b8: float, b32: float) -> dict:
+        return {"status": "ok", "decode": {str(b): {"tokens_per_s": {"median": t}} for b, t in ((1, b1), (8, b8),
+                                                                                                (32, b32))}}
+
+    results = {"ort-int4": row(200.0, 500.0, 600.0), "ort-int4-b128": row(280.0, 660.0, 700.0),
+               "llama-q4_0": row(240.0, 400.0, 650.0), "ov-int4": row(190.0, 600.0, 800.0)}
+    t = report.quant_targets(results, {})
+    assert t["int4_b1_vs_llama_q4_0"]["measured"] == pytest.approx(200 / 240)
+    assert not t["int4_b1_vs_llama_q4_0"]["met"]
+    assert t["int4_b128_b1_vs_llama_q4_0"]["measured"] == pytest.approx(280 / 240)  # 1.167 >= 1.15
+    assert t["int4_b128_b1_vs_llama_q4_0"]["met"]
+    assert t["int4_b8_vs_ov_int4"]["measured"] == pytest.approx(500 / 600)
+    assert t["int4_b128_b8_vs_ov_int4"]["measured"] == pytest.approx(660 / 600) and t["int4_b128_b8_vs_ov_int4"]["met"]
+    assert t["int4_b32_vs_ov_int4"]["measured"] == pytest.approx(600 / 800)
+    assert t["int4_b128_b32_vs_ov_int4"]["measured"] == pytest.approx(700 / 800)
+    assert not t["int4_b128_b32_vs_ov_int4"]["met"]
+    del results["ov-int4"]  # a peer that did not run: not measured, neither met nor missed
+    assert report.quant_targets(results, {})["int4_b8_vs_ov_int4"]["met"] is None
+
+
 def test_ort_profile_breaks_a_decode_step_down_by_operator(quick, tmp_path):
     from benchmarks.profile_ort import profile_decode
 
