@@ -91,14 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps profiled (default: %(default)s)")
     p.add_argument("--threads", type=int, help="ORT intra-op and torch threads (default: their own choice)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                   help="where ORT writes its trace (default: out/profile, made if missing)")
+                   help="where ORT writes its trace, made if missing (default: out/profile)")
     a = p.parse_args(argv)
     if min(a.batch, a.prompt_len, a.new_tokens) < 1:
         raise ModelError("--batch, --prompt-len and --new-tokens must be >= 1")
-    if a.out == DEFAULT_OUT:
-        a.out.mkdir(parents=True, exist_ok=True)
-    if not a.out.is_dir():
+    if a.out.exists() and not a.out.is_dir():
         raise ModelError(f"--out {a.out}: not a folder")
+    a.out.mkdir(parents=True, exist_ok=True)
     r = profile_decode(a.model, a.batch, a.prompt_len, a.new_tokens, a.threads, a.out)
     print(f"{r['graph']} graph, batch {r['batch']}, {r['steps']} decode steps after a {r['prompt_len']}-token "
           f"prompt, {r['threads']} intra-op threads, {r['nodes_per_step']:.0f} kernels per step")
