@@ -55,19 +55,21 @@ class BareOrtLoop:
             bind("position_ids", pos, pos.shape)
             if self.spec.takes_logits_to_keep:
                 bind(LOGITS_TO_KEEP, keep, keep.shape)
-            for i in range(c.n_layer):
-                for j, kind in enumerate(KV_KINDS):
-                    if inplace:  # past and present: one buffer of `total` positions
-                        shape = (B, c.n_head, total, c.head_dim)
-                        bind(past_name(i, kind), kv[0][i][j], shape)
-                        bind(present_name(i, kind), kv[0][i][j], shape, output=True)
-                        continue
-                    bind(past_name(i, kind), kv[cur][i][j], (B, c.n_head, past, c.head_dim))
-                    bind(present_name(i, kind), kv[1 - cur][i][j], (B, c.n_head, past + S, c.head_dim), output=True)
+            if not inplace:  # ping-pong buffers, rebound every step (in place: bound once, below)
+                for i in range(c.n_layer):
+                    for j, kind in enumerate(KV_KINDS):
+                        bind(past_name(i, kind), kv[cur][i][j], (B, c.n_head, past, c.head_dim))
+                        bind(present_name(i, kind), kv[1 - cur][i][j], (B, c.n_head, past + S, c.head_dim),
+                             output=True)
             bind("logits", logits, logits.shape, output=True)
             self.session.run_with_iobinding(binding)
             return logits[:, -1, :n_vocab].argmax(-1)
 
+        if inplace:  # past and present: one buffer of `total` positions per layer and kind, the same every step
+            for i in range(c.n_layer):
+                for j, kind in enumerate(KV_KINDS):
+                    bind(past_name(i, kind), kv[0][i][j], (B, c.n_head, total, c.head_dim))
+                    bind(present_name(i, kind), kv[0][i][j], (B, c.n_head, total, c.head_dim), output=True)
         t0 = time.perf_counter()
         ids = np.ascontiguousarray(prompt, np.int64)
         out[:, 0] = step(ids, np.ascontiguousarray(np.broadcast_to(np.arange(P), (B, P))), 0, 0)

@@ -260,3 +260,21 @@ def test_each_artifact_kind_exports_what_its_row_names(kind, quantize, block, gr
     assert len(calls) == 1
     kw = calls[0]
     assert (kw["quantize"], kw.get("quant_block"), kw["graph"]) == (quantize, block, graph)
+
+
+@pytest.mark.parametrize("artifact", ["demo_onnx", "demo_ort"])
+def test_bare_ort_loop_decodes_the_runtimes_greedy_tokens(artifact, request):
+    """The reference row: its own binding (ping-pong buffers rebound every step; the ort graph's in-place
+    buffers bound once) must give the tokens runtime.loop.generate gives on the same artifact."""
+    import numpy as np
+
+    from benchmarks.bare_ort import BareOrtLoop
+    from runtime.loop import SamplingParams, generate
+    from runtime.open_backend import open_backend
+
+    path = str(request.getfixturevalue(artifact))
+    prompt = np.random.default_rng(0).integers(0, 60, (2, 9))
+    _, _, bare = BareOrtLoop(path, threads=1).generate(prompt, 40)
+    ref = generate(open_backend("onnxruntime", path, threads=1), prompt.tolist(),
+                   SamplingParams(max_new_tokens=40, greedy=True, stop_at_eot=False))
+    assert bare.tolist() == ref.tokens
