@@ -181,12 +181,25 @@ def prepare_model(settings: dict, src: str | None, cache: Path) -> tuple[str, An
     return str(folder), config, tok.n_vocab, desc
 
 
+def quant_block_of(kind: str) -> int | None:
+    """The block an artifact kind names (int4-b128 -> 128), None for the export's default."""
+    return int(kind.rsplit("-b", 1)[1]) if "-b" in kind else None
+
+
+def unfit_reason(kind: str, config: GPTConfig) -> str | None:
+    """Why this model cannot take an artifact kind (its row is then skipped, not the run), or None."""
+    block = quant_block_of(kind)
+    if block is not None and config.n_embd % block:
+        return f"block {block} does not divide the model's n_embd {config.n_embd}"
+    return None
+
+
 def prepare_artifact(model_src: str, kind: str, cache: Path) -> Path:
     """kind: fused | decomposed | ortgraph (fp32) | int8 | int4 (weight-only quantized, default block, the ort graph
     as shipped) | int4-fused (the same weights in the fused graph) | int4-b128 (block 128, the ort graph)."""
     opset = DECOMPOSED_OPSET if kind == "decomposed" else DEFAULT_OPSET
     quantize = kind.split("-")[0] if kind.startswith(("int8", "int4")) else None
-    quant_block = int(kind.rsplit("-b", 1)[1]) if "-b" in kind else None
+    quant_block = quant_block_of(kind)
     graph = {"decomposed": "decomposed", "ortgraph": "ort", "int4-fused": "fused", "fused": "fused"}.get(kind)
     out = cache / f"onnx-{kind}-{source_key(model_src)}-{code_hash('export', 'model')}"
     if (out / "config.json").is_file():
@@ -282,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         f"fp32 GEMM {gemm['gflop_per_s']['median']:.0f} GFLOP/s ({gemm['n']}^3)")
 
     artifacts: dict[str, str] = {}
-    for kind in dict.fromkeys(ARTIFACT_OF[b] for b in settings["backends"] if b in ARTIFACT_OF):
+    unfit = {b: why for b in settings["backends"] if (why := unfit_reason(ARTIFACT_OF.get(b, ""), config))}
+    for kind in dict.fromkeys(ARTIFACT_OF[b] for b in settings["backends"] if b in ARTIFACT_OF and b not in unfit):
         artifacts[kind] = str(prepare_artifact(model_src, kind, cache))
 
     results = {}
@@ -294,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                     "artifact": artifacts.get(ARTIFACT_OF.get(name, "")), "workdir": tmp,
                     **{k: settings[k] for k in ("prefill_lens", "batches", "new_tokens", "decode_prompt_len",
                                                 "warmup", "repeats", "prefill_repeats", "max_seconds")}}
-            results[name] = run_worker(spec, Path(tmp))
+            results[name] = ({"backend": name, "status": "skipped", "reason": unfit[name], "wall_s": 0.0}
+                             if name in unfit else run_worker(spec, Path(tmp)))
             status = results[name]["status"]
             log(f"   {name}: {status}" + (f" ({results[name].get('reason')})" if status != "ok" else "")
                 + f" in {results[name]['wall_s']:.0f}s")
