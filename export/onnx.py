@@ -2,7 +2,8 @@
 
     python -m export.onnx --model SRC --out DIR [--dtype float32|float16] [--opset N]
                           [--graph fused|decomposed|ort] [--max-seq-len N] [--all-logits] [--force]
-                          [--quantize int8|int4 [--quant-block N|auto] [--float-lm-head]]
+                          [--quantize int8|int4 [--quant-block N|auto] [--quant-method rtn|gptq]
+                           [--calib-text FILE] [--float-lm-head]]
 
 SRC: demo, a Hugging Face GPT-2 folder or hub id, a nanoGPT ckpt.pt, or an artifact folder.
 Opset >= 23 gives the fused graph (Attention + Gelu + LayerNormalization); opset 17..22 the
@@ -35,7 +36,7 @@ from export.genai import write_genai_files
 from export.onnx_graph import build_gpt_graph, node_counts
 from export.parity import format_report, max_abs_bound, parity_report, report_ok, torch_threads, verify_decode
 from export.quality import check_bounds, format_quality, quality_report
-from export.quantize import quant_record, quantized_reference
+from export.quantize import CALIB_TEXT, QuantizedWeights, quant_record, quantize_weights, quantized_reference
 from export.session import ArtifactSession
 from model.artifact import (
     DATA_FILE,
@@ -47,6 +48,7 @@ from model.artifact import (
     MIN_OPSET,
     MODEL_FILE,
     QUANT_BITS,
+    QUANT_METHODS,
     ExportSpec,
     io_names,
     write_config,
@@ -70,7 +72,7 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
                     opset: int = DEFAULT_OPSET, graph: str | None = None, max_seq_len: int | None = None,
                     all_logits: bool = False, force: bool = False, verify: bool = True, verify_steps: int = 8,
                     parity_cases: int = 16, quantize: str | None = None, quant_block: int | None = None,
-                    quant_lm_head: bool = True,
+                    quant_lm_head: bool = True, quant_method: str = "rtn", calib_text: Path | None = None,
                     quality_seqs: int = 16, log: Callable[[str], None] = print,
                     loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Write the artifact DIR atomically; returns a summary (paths, node counts, parity figures).
@@ -93,16 +95,21 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
     try:
         spec = ExportSpec.for_model(config, dtype=dtype, opset=opset, graph=graph, max_seq_len=max_seq_len,
                                     all_logits=all_logits, quantize=quantize, quant_block=quant_block,
-                                    quant_lm_head=quant_lm_head)
+                                    quant_lm_head=quant_lm_head, quant_method=quant_method)
     except ValueError as e:
         raise ModelError(str(e)) from None
     stage("load", f"{src}: {model.num_params() / 1e6:.1f}M params, {config.n_layer} layers, vocab {config.vocab_size}")
 
+    qweights = quantize_weights(model, tokenizer, spec, calib_text)  # {} unless spec.quant_method chose them
+    if qweights:
+        stage(spec.quant_method, f"{len(qweights)} weights quantized on "
+              f"{Path(calib_text) if calib_text else CALIB_TEXT.name}")
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    proto = build_gpt_graph(config, state, spec)
+    proto = build_gpt_graph(config, state, spec, qweights)
     counts = node_counts(proto)
     shown = ("Attention", "Gelu", "LayerNormalization") + (("DequantizeLinear", "MatMul") if spec.quantize else ())
-    quant_note = (f", {spec.quantize} block {spec.quant_block}" + ("" if spec.quant_lm_head else ", float lm_head")
+    quant_note = (f", {spec.quantize} block {spec.quant_block} {spec.quant_method}"
+                  + ("" if spec.quant_lm_head else ", float lm_head")
                   if spec.quantize else "")
     stage("build", f"{spec.graph} graph, opset {spec.opset}, {spec.dtype}{quant_note}: "
           f"{len(proto.graph.node)} nodes; " + ", ".join(f"{k} {counts.get(k, 0)}" for k in shown))
@@ -139,7 +146,7 @@ def export_artifact(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype
               + ", checked by onnx.checker")
         if verify and spec.quantize:
             summary.update(verify_quantized(model, tmp, spec, tokenizer, steps=verify_steps, seqs=quality_seqs,
-                                            log=log))
+                                            qweights=qweights, log=log))
             record["verify"] = {"decode": summary["verify"], "quality": summary["quality"]}
             record["quantization"]["onnxruntime_optimized"] = summary["onnxruntime_optimized"]
         elif verify:
@@ -224,12 +231,13 @@ ORT_EXACT_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}  # fp32 
 
 
 def verify_quantized(model: Any, artifact_dir: Path, spec: ExportSpec, tokenizer: Any, *, steps: int = 8,
-                     seqs: int = 16, log: Callable[[str], None] = print) -> dict[str, Any]:
+                     seqs: int = 16, qweights: QuantizedWeights | None = None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Three checks of a quantized artifact; raises ModelError when one fails:
     1. ONNX Runtime runs it as MatMulNBits: its optimized graph has one per Linear (+ lm_head), no MatMul left;
     2. the graph computes what it claims: ORT with fp32 MatMulNBits compute vs the torch model with the same
-       fake-quantized weights (quantized_reference), within the dtype's parity bound (export/parity.py) and
-       greedy-identical (float16: but for near ties);
+       fake-quantized weights (quantized_reference, with qweights where the export chose them), within the dtype's
+       parity bound (export/parity.py) and greedy-identical (float16: but for near ties);
     3. quality vs the fp32 model on held-out text, as shipped (accuracy_level 4), within QUALITY_BOUNDS
        (seqs held-out windows; 0 skips it, for random weights)."""
     c, dtype, name = model.config, spec.dtype, spec.quantize
@@ -244,7 +252,7 @@ def verify_quantized(model: Any, artifact_dir: Path, spec: ExportSpec, tokenizer
     exact = ArtifactSession(artifact_dir, session_config=ORT_EXACT_MATMULNBITS)
     steps = max(1, min(steps, exact.max_seq_len - 2))
     with torch_threads(1):
-        dec = verify_decode(quantized_reference(model, spec), exact, tokenizer.n_vocab, steps=steps)
+        dec = verify_decode(quantized_reference(model, spec, qweights), exact, tokenizer.n_vocab, steps=steps)
     bound = max_abs_bound(dtype, dec["ref_absmax"])
     log(f"          graph vs torch with the same {name} weights (fp32 compute), prefill + {steps} decode steps: "
         f"max |logits diff| {dec['max_abs_diff']:.2e} (bound {bound:.1e}), greedy tokens identical: "
@@ -305,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"input features per quantization block (power of two >= 16; default: {DEFAULT_QUANT_BLOCK}; "
                         "export.trt takes int4 at 64 or 128 with --graph fused, and refuses the rest); auto: the "
                         f"coarsest of {', '.join(map(str, AUTO_QUANT_BLOCKS))} that meets the quality bounds")
+    p.add_argument("--quant-method", choices=QUANT_METHODS, default="rtn",
+                   help="with --quantize: rtn rounds each block to nearest; gptq (GPTQ) rounds column by column, "
+                        "spreading each error over the columns left, weighted by calibration text: better quality, "
+                        "the same graph and speed, seconds to minutes more to export (default: %(default)s)")
+    p.add_argument("--calib-text", type=Path, metavar="FILE",
+                   help="with --quant-method gptq: UTF-8 text like what the model will see (default: "
+                        "model/assets/tinyshakespeare-calib.txt, the corpus' training split)")
     p.add_argument("--float-lm-head", action="store_true",
                    help="with --quantize: keep the lm_head in the float dtype (better top-1 at a coarse block)")
     p.add_argument("--quality-seqs", type=int, default=16,
@@ -312,11 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.float_lm_head and not a.quantize:
         raise ModelError("--float-lm-head needs --quantize")
+    if a.quant_method != "rtn" and not a.quantize:
+        raise ModelError(f"--quant-method {a.quant_method} needs --quantize")
+    if a.calib_text is not None and a.quant_method != "gptq":
+        raise ModelError("--calib-text needs --quant-method gptq")
+    if a.calib_text is not None and not a.calib_text.is_file():
+        raise ModelError(f"--calib-text {a.calib_text}: not a file")
     if a.verify_steps < 1 or a.parity_cases < 0 or a.quality_seqs < 1:
         raise ModelError("--verify-steps and --quality-seqs must be >= 1 and --parity-cases >= 0")
     options = dict(dtype=a.dtype, opset=a.opset, graph=a.graph, max_seq_len=a.max_seq_len, all_logits=a.all_logits,
                    force=a.force, verify=not a.no_verify, verify_steps=a.verify_steps, parity_cases=a.parity_cases,
-                   quantize=a.quantize, quant_lm_head=not a.float_lm_head, quality_seqs=a.quality_seqs,
+                   quantize=a.quantize, quant_lm_head=not a.float_lm_head, quant_method=a.quant_method,
+                   calib_text=a.calib_text, quality_seqs=a.quality_seqs,
                    log=lambda s: print(s, flush=True))
     if a.quant_block == "auto":
         summary = export_auto_block(a.model, a.out, **options)

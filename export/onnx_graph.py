@@ -47,7 +47,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export.quantize import embedding_bits, pack_int4, quantize_blocks
+from export.quantize import QuantizedWeights, embedding_bits, pack_int4, quantize_blocks
 from model.artifact import (
     KV_KINDS,
     LOGITS,
@@ -67,7 +67,8 @@ MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (the ort graph)
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, qweights: QuantizedWeights | None = None) -> None:
+        self.qweights = qweights or {}  # integers and scales chosen beforehand (gptq), by weight name
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._consts: set[str] = set()
@@ -96,8 +97,10 @@ class _Builder:
     def quantized(self, name: str, value: torch.Tensor, bits: int, block: int, np_dtype: type,
                   transpose: bool) -> tuple[str, str]:
         """value [rows, cols] quantized in blocks along cols -> (<name>.q INT4|INT8, <name>.scale), both
-        transposed to [cols, rows] / [cols / block, rows] when `transpose` (the MatMul B layout)."""
-        q, scale = quantize_blocks(value.detach().cpu().numpy(), bits, block)
+        transposed to [cols, rows] / [cols / block, rows] when `transpose` (the MatMul B layout). The integers and
+        scales are qweights[name] where given, else value rounded to nearest (quantize_blocks)."""
+        chosen = self.qweights.get(name)
+        q, scale = chosen if chosen is not None else quantize_blocks(value.detach().cpu().numpy(), bits, block)
         if transpose:
             q, scale = np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T)
         q_name, s_name = name + Q_SUFFIX, name + SCALE_SUFFIX
@@ -109,8 +112,10 @@ class _Builder:
         return q_name, s_name
 
 
-def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: ExportSpec) -> onnx.ModelProto:
+def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: ExportSpec,
+                    qweights: QuantizedWeights | None = None) -> onnx.ModelProto:
     """state: the GPT state_dict (fp32). Returns the ONNX model (weights inline) that spec describes.
+    qweights: the quantized weights' integers and scales where spec.quant_method chose them (quantize_weights).
     spec.quantize: weight-only quantization of every Linear and the lm_head (DequantizeLinear(block_size) ->
     MatMul, export/quantize.py); in the ort graph the token embedding becomes an int8 table (Gather ->
     DequantizeLinear), in the graphs TensorRT parses it stays a float Gather (quantize.embedding_bits)."""
@@ -119,7 +124,7 @@ def build_gpt_graph(config: GPTConfig, state: dict[str, torch.Tensor], spec: Exp
     quantized, bits, block = spec.quantize is not None, spec.quant_bits, spec.quant_block
     onnx_dtype, np_dtype = ONNX_DTYPES[dtype], NP_DTYPES[dtype]
     c, H, D = config, config.n_head, config.head_dim
-    b = _Builder()
+    b = _Builder(qweights)
     W = lambda name: b.weight(name, state[name], np_dtype)  # noqa: E731
 
     # ---- shapes and the shared keep-mask [B, 1, S, P+S] (bottom-right causal, padding, own key)

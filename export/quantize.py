@@ -20,6 +20,17 @@ layout) with scales [in / block, out], and dequantizes it with the standard opse
   infers the block from the scale shape rather than reading block_size). The ort graph (com.microsoft
   operators) is ONNX Runtime's only.
 
+How q and scale are chosen (ExportSpec.quant_method):
+
+- rtn (the default): each block on its own, rounded to nearest, the scale searched per block (quantize_blocks);
+- gptq (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"):
+  the columns of W are rounded one at a time, and each column's rounding error is spread over the columns not yet
+  rounded, weighted by the inverse of H = X^T X, X being the inputs that Linear sees on calibration text
+  (model/assets/tinyshakespeare-calib.txt, the first 64 KB of the corpus: the training split, never scored by
+  export/quality.py) through the fp32 model. A block's scale is chosen as rtn does, from its columns as they stand
+  when the block starts. Same grid, same graph: only the integers and scales differ. The lm_head (its own copy of
+  wte) is done the same way; the int8 embedding table stays rtn (a lookup: no input to weight it by).
+
 The token embedding is a lookup, not a matmul. In the ort graph its table is stored as int8 [vocab, n_embd]
 with per-block scales along n_embd, gathered by row and dequantized (Gather -> DequantizeLinear); the graphs
 TensorRT parses keep it in the float dtype (TensorRT's Gather takes no INT8, onnx-tensorrt docs/operators.md:76,
@@ -30,23 +41,39 @@ own copy of wte quantized like every other Linear.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+from export.quality import eval_windows
 from model.artifact import ExportSpec
 
 QMAX = {8: 127, 4: 7}
 EMBEDDING_BITS = 8  # the ort graph's embedding table, read one row per token: int8 costs nothing per step
 TRT_INT4_BLOCKS = (64, 128)  # the INT4 blocks TensorRT takes (export/trt_lint.py int4-block-size)
+SCALE_SEARCH_LOW, SCALE_SEARCH_STEPS = 0.7, 8  # quantize_blocks' per-block scale search
+CALIB_TEXT = Path(__file__).resolve().parent.parent / "model" / "assets" / "tinyshakespeare-calib.txt"
+CALIB_SEQS, CALIB_SEQ_LEN = 64, 128  # gptq's calibration windows (as many tokens as quality's 64 held-out windows)
+GPTQ_DAMP = 0.01  # added to H's diagonal, times its mean: keeps the inverse finite for inputs that never vary
+GPTQ_COLUMNS = 128  # columns rounded per lazy batch of updates (or one block, if larger)
+GRAM_BYTES = 2 << 30  # the float64 input grams held at once (gpt2-xl's 192 would take 18 GB)
+
+QuantizedWeights = dict[str, tuple[np.ndarray, np.ndarray]]  # weight name -> (q [out, in], scale [out, in / block])
 
 
 def embedding_bits(spec: ExportSpec) -> int | None:
     """Bits of a quantized graph's token-embedding table: int8 in the ort graph, None (the float dtype) in the
     graphs TensorRT parses, whose Gather takes no INT8. None for a float export."""
     return EMBEDDING_BITS if spec.quantize is not None and spec.graph == "ort" else None
-SCALE_SEARCH_LOW, SCALE_SEARCH_STEPS = 0.7, 8  # quantize_blocks' per-block scale search
+
+
+QUANT_METHOD_NOTES = {
+    "rtn": "round to nearest, scale = max |w| of the block / qmax (searched down to 0.7 of it per block)",
+    "gptq": "GPTQ (Frantar et al. 2022) on calibration text, block scales as rtn; the int8 embedding table rtn"}
 
 
 def quant_record(spec: ExportSpec) -> dict[str, Any]:
@@ -54,7 +81,7 @@ def quant_record(spec: ExportSpec) -> dict[str, Any]:
     emb = embedding_bits(spec)
     trt_ok = spec.graph != "ort" and spec.quant_bits == 4 and spec.quant_block in TRT_INT4_BLOCKS
     return {"bits": spec.quant_bits, "block_size": spec.quant_block, "symmetric": True,
-            "embedding_bits": emb, "method": "round to nearest, scale = max |w| of the block / qmax",
+            "embedding_bits": emb, "method": QUANT_METHOD_NOTES[spec.quant_method],
             "graph": "DequantizeLinear(INT4|INT8 [in, out], scale [in / block, out], axis=0, block_size) -> MatMul; "
                      "token embedding: " + ("Gather(INT8 [vocab, n_embd]) -> DequantizeLinear(axis=2, block_size)"
                                             if emb else f"Gather({spec.dtype} [vocab, n_embd])"),
@@ -92,6 +119,97 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int, search: bool = True) -
     return q.reshape(rows, cols), best_scale.astype(np.float32)
 
 
+class _InputGram(TorchFunctionMode):
+    """Adds X^T X of every F.linear call on a named weight (model/gpt.py calls F.linear, not the modules)."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__()
+        self.names, self.gram = names, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = self.names.get(args[1].data_ptr()) if func is F.linear and len(args) > 1 else None
+        if name is not None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            self.gram[name] = self.gram.get(name, 0) + x.T @ x
+        return func(*args, **(kwargs or {}))
+
+
+@torch.inference_mode()
+def input_grams(model: Any, tokens: torch.Tensor, names: set[str], batch: int = 16) -> dict[str, torch.Tensor]:
+    """For each '<linear>.weight' of names ('lm_head.weight' included): H = X^T X [in, in] (float64) of its inputs
+    over tokens [N, L]."""
+    names = {m.weight.data_ptr(): f"{n}.weight" for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and f"{n}.weight" in names}
+    with _InputGram(names) as mode:
+        for r in range(0, tokens.shape[0], batch):
+            model(tokens[r:r + batch])
+    return mode.gram
+
+
+def gptq_blocks(w: np.ndarray, gram: torch.Tensor, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_blocks' output for w [rows, cols], chosen by GPTQ with H = gram [cols, cols] (module docstring)."""
+    W = torch.from_numpy(np.array(w, dtype=np.float32))
+    rows, cols = W.shape
+    H = gram.clone()
+    dead = torch.diag(H) == 0  # an input that is always 0: its weights never matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += GPTQ_DAMP * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    # the upper Cholesky factor of H^-1: row i holds how column i's error moves the columns after it
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    qmax = QMAX[bits]
+    q = torch.zeros(rows, cols, dtype=torch.int8)
+    scale = torch.zeros(rows, cols // block)
+    step = max(GPTQ_COLUMNS, block)  # whole blocks per batch: a block's scale sees all its columns
+    for c0 in range(0, cols, step):
+        c1 = min(c0 + step, cols)
+        W1, err = W[:, c0:c1].clone(), torch.zeros(rows, c1 - c0)
+        for i in range(c1 - c0):
+            c = c0 + i
+            if c % block == 0:  # the block's scale, from its columns as they stand now
+                _, block_scale = quantize_blocks(W1[:, i:i + block].numpy(), bits, block)
+                scale[:, c // block] = torch.from_numpy(block_scale[:, 0])
+            s = scale[:, c // block]
+            qc = torch.clamp(torch.round(W1[:, i] / s), -qmax, qmax)
+            q[:, c] = qc.to(torch.int8)
+            e = (W1[:, i] - qc * s) / U[c, c]
+            W1[:, i:] -= e[:, None] * U[c, c:c1][None, :]
+            err[:, i] = e
+        W[:, c1:] -= err @ U[c0:c1, c1:]
+    return q.numpy(), scale.numpy()
+
+
+def calibration_windows(tokenizer: Any, block_size: int, text_path: Path | None = None) -> torch.Tensor:
+    """[CALIB_SEQS, <= CALIB_SEQ_LEN] token ids: evenly spaced windows of the calibration text."""
+    return eval_windows(tokenizer, CALIB_SEQS, min(CALIB_SEQ_LEN, block_size), text_path or CALIB_TEXT)
+
+
+def quantize_weights(model: Any, tokenizer: Any, spec: ExportSpec, calib_text: Path | None = None) -> QuantizedWeights:
+    """The integers and scales of every quantized matmul weight, chosen by spec.quant_method; {} for rtn (the graph
+    builder and quantized_reference then round each weight themselves, quantize_blocks). The weights go in groups
+    whose grams fit GRAM_BYTES, one pass over the calibration text per group (gpt2: one; gpt2-xl: about ten)."""
+    if spec.quantize is None or spec.quant_method == "rtn":
+        return {}
+    tokens = calibration_windows(tokenizer, model.config.block_size, calib_text)
+    state = model.state_dict()
+    linears = [(f"{n}.weight", m.in_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and (n != "lm_head" or spec.quant_lm_head)]
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, features in linears:
+        if groups[-1] and used + 8 * features ** 2 > GRAM_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += 8 * features ** 2
+    out: QuantizedWeights = {}
+    for group in groups:
+        for name, gram in input_grams(model, tokens, set(group)).items():
+            w = state["transformer.wte.weight" if name == "lm_head.weight" else name]
+            out[name] = gptq_blocks(w.float().numpy(), gram, spec.quant_bits, spec.quant_block)
+    return out
+
+
 def dequantize_blocks(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
     """Inverse of quantize_blocks along axis 1 (q [rows, cols], scale [rows, cols / block]) -> float32."""
     return (q.astype(np.float32) * np.repeat(scale, block, axis=1)).astype(np.float32)
@@ -120,20 +238,26 @@ def unpack_int4(raw: bytes, count: int) -> np.ndarray:
     return np.where(signed > 7, signed - 16, signed).astype(np.int8)
 
 
-def quantized_reference(model: Any, spec: ExportSpec) -> Any:
+def quantized_reference(model: Any, spec: ExportSpec, qweights: QuantizedWeights | None = None) -> Any:
     """A copy of the torch GPT that computes exactly what the quantized graph computes (up to fp32 rounding, with
     ONNX Runtime's fp32 MatMulNBits path): every Linear fake-quantized; lm_head untied and fake-quantized with
     spec (spec.quant_lm_head False: float and tied); the embedding table fake-quantized to int8 in the ort graph,
-    float in the others (embedding_bits). Used to check the graph, not its quality."""
-    bits, block = spec.quant_bits, spec.quant_block
+    float in the others (embedding_bits). qweights: quantize_weights' choice where it made one (gptq). Used to check
+    the graph, not its quality."""
+    bits, block, chosen = spec.quant_bits, spec.quant_block, qweights or {}
     ref = copy.deepcopy(model)
     wte = model.transformer.wte.weight
+
+    def dequantized(name: str, w: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(dequantize_blocks(*chosen[name], block)) if name in chosen else \
+            fake_quantize(w, bits, block)
+
     with torch.no_grad():
         for name, module in ref.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                module.weight.copy_(fake_quantize(module.weight, bits, block))
+                module.weight.copy_(dequantized(f"{name}.weight", module.weight))
         if spec.quant_lm_head:
-            ref.lm_head.weight = torch.nn.Parameter(fake_quantize(wte, bits, block), requires_grad=False)
+            ref.lm_head.weight = torch.nn.Parameter(dequantized("lm_head.weight", wte), requires_grad=False)
         emb = embedding_bits(spec)
         if emb is not None:
             ref.transformer.wte.weight = torch.nn.Parameter(fake_quantize(wte, emb, block), requires_grad=False)

@@ -94,6 +94,7 @@ DEFAULT_OPSET = 23
 FUSED_MIN_OPSET = 23  # ONNX Attention
 ORT_MIN_OPSET = 20  # the ort graph's ONNX Gelu
 QUANT_MIN_OPSET = 21  # DequantizeLinear with block_size, INT4 tensors
+QUANT_METHODS = ("rtn", "gptq")  # ExportSpec.quant_method
 QUANT_BITS = {"int8": 8, "int4": 4}
 MIN_QUANT_BLOCK = 16  # MatMulNBits needs a power of two >= 16
 DEFAULT_QUANT_BLOCK = 32  # by measurement (docs/quantization.md): 64 fails the demo's int4 top-1 bound
@@ -116,6 +117,10 @@ class ExportSpec:
     # with quantize: the lm_head quantized like every Linear (True) or kept in the float dtype, a Gemm with wte
     # (False: the quality fix for a block too coarse, docs/quantization.md); True without quantize
     quant_lm_head: bool = True
+    # with quantize: how the integers and scales are chosen, "rtn" (round to nearest in each block) or "gptq" (GPTQ:
+    # column by column, each rounding error spread over the columns not yet rounded, weighted by calibration text;
+    # export/quantize.py); "rtn" without quantize
+    quant_method: str = "rtn"
     # the ort graph takes each row's cached length from its attention_mask (the row's last 1), so a row may be
     # right-padded: the runtime keeps its rows left-aligned in the cache and attention reads each row's own
     # positions only (runtime/ort_backend.py). False for ort graphs written before 2026-12-06, which took every
@@ -140,7 +145,11 @@ class ExportSpec:
             raise ValueError(f"max_seq_len {self.max_seq_len} is out of range (>= 1)")
         if self.logits not in LOGITS_KINDS:
             raise ValueError(f"logits {self.logits!r} is not {' or '.join(LOGITS_KINDS)}")
+        if self.quant_method not in QUANT_METHODS:
+            raise ValueError(f"quant_method {self.quant_method!r} is not one of {', '.join(QUANT_METHODS)}")
         if self.quantize is None:
+            if self.quant_method != "rtn":
+                raise ValueError(f"quant_method {self.quant_method} needs quantize int8|int4")
             if self.quant_block is not None:
                 raise ValueError("quant_block needs quantize int8|int4")
             if not self.quant_lm_head:
@@ -159,7 +168,7 @@ class ExportSpec:
     def for_model(cls, config: GPTConfig, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
                   graph: str | None = None, max_seq_len: int | None = None, all_logits: bool = False,
                   quantize: str | None = None, quant_block: int | None = None,
-                  quant_lm_head: bool = True) -> ExportSpec:
+                  quant_lm_head: bool = True, quant_method: str = "rtn") -> ExportSpec:
         """The spec for exporting a model of `config`: graph defaults to ort for a quantized export (when the model's
         head_dim allows it), else to fused at opset >= 23, decomposed below; max_seq_len to the block_size,
         quant_block (with quantize) to DEFAULT_QUANT_BLOCK. ValueError on a bad choice."""
@@ -170,7 +179,7 @@ class ExportSpec:
                    max_seq_len=config.block_size if max_seq_len is None else max_seq_len,
                    logits="all" if all_logits else "last", quantize=quantize,
                    quant_block=DEFAULT_QUANT_BLOCK if quantize is not None and quant_block is None else quant_block,
-                   quant_lm_head=quant_lm_head, right_padding=graph == "ort")
+                   quant_lm_head=quant_lm_head, quant_method=quant_method, right_padding=graph == "ort")
         spec.check_model(config)
         return spec
 
@@ -219,6 +228,8 @@ class ExportSpec:
             d = {**d, "quant_lm_head": True}
         if isinstance(d, dict) and "right_padding" not in d:  # written before the field existed: not taken
             d = {**d, "right_padding": False}
+        if isinstance(d, dict) and "quant_method" not in d:  # written before the field existed: round to nearest
+            d = {**d, "quant_method": "rtn"}
         return cls(**_exact_fields(cls, d))
 
 

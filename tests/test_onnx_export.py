@@ -100,7 +100,8 @@ def test_artifact_config_and_hashes(fused):
     assert cfg["files"] == {name: sha256_file(fused / name) for name in ("model.onnx", "genai_config.json")}
     assert cfg["export"] == {"dtype": "float32", "opset": 23, "graph": "fused", "max_seq_len": 128, "logits": "last",
                              "quantize": None, "quant_block": None,
-                             "quant_lm_head": True, "right_padding": False}  # the ExportSpec, every field
+                             "quant_lm_head": True, "quant_method": "rtn",
+                             "right_padding": False}  # the ExportSpec, every field
     assert set(cfg["record"]["versions"]) == {"torch", "onnx", "onnxruntime", "gptdeploy"}
     assert not [p for p in fused.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 

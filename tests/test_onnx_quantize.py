@@ -15,7 +15,7 @@ import torch
 
 from export.onnx import ORT_EXACT_MATMULNBITS, count_ort_optimized, export_artifact, export_auto_block, main
 from export.quality import QUALITY_BOUNDS
-from export.quantize import QMAX, pack_int4, quantize_blocks, unpack_int4
+from export.quantize import QMAX, gptq_blocks, pack_int4, quantize_blocks, unpack_int4
 from export.trt_lint import lint_model
 from model.artifact import ExportSpec, read_artifact
 from model.config import GPTConfig
@@ -207,6 +207,70 @@ def test_auto_block_stops_at_a_failure_that_is_not_quality(tmp_path, one_thread,
     assert not isinstance(e.value, export_onnx.QualityBoundsMissed) and not (tmp_path / "x").exists()
 
 
+def test_gptq_without_correlated_inputs_is_round_to_nearest():
+    """H = I (inputs that never vary together): no column's rounding error moves another, so GPTQ gives exactly
+    quantize_blocks' integers and scales (each block's scale taken from its columns as they stand)."""
+    w = np.random.default_rng(2).standard_normal((48, 256)).astype(np.float32)
+    q, scale = gptq_blocks(w, torch.eye(256, dtype=torch.float64), 4, 64)
+    q_rtn, scale_rtn = quantize_blocks(w, 4, 64)
+    assert np.array_equal(q, q_rtn) and np.allclose(scale, scale_rtn)
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs():
+    """What GPTQ minimises: |X W^T - X Q^T|^2 for the inputs X it was given, far below round to nearest's when the
+    inputs are correlated (low rank plus noise, as a layer's activations are), on the same int4 grid."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2048, 8)) @ rng.standard_normal((8, 128)) + 0.1 * rng.standard_normal((2048, 128))
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    q, scale = gptq_blocks(w, torch.from_numpy(x.T @ x), 4, 32)
+    assert q.dtype == np.int8 and np.abs(q).max() <= QMAX[4] and scale.shape == (64, 4) and (scale > 0).all()
+
+    def output_error(q: np.ndarray, scale: np.ndarray) -> float:
+        return float(np.square(x @ (q * np.repeat(scale, 32, axis=1) - w).T).sum())
+
+    assert output_error(q, scale) < 0.25 * output_error(*quantize_blocks(w, 4, 32))  # 0.047 measured
+
+
+def test_gptq_lets_auto_take_block_128_on_the_nanogpt_checkpoint(tmp_path, one_thread):
+    """Round to nearest misses the int4 top-1 bound at block 128 on this checkpoint (0.8917, the auto test above);
+    GPTQ on the bundled calibration text meets it there (0.9567 measured), its graph verified against a torch
+    reference with the same integers, and the artifact says how its weights were chosen."""
+    lines: list[str] = []
+    summary = export_auto_block(NANOGPT_DIR / "ckpt.pt", tmp_path / "ng", quantize="int4", quant_method="gptq",
+                                log=lines.append)
+    art = read_artifact(tmp_path / "ng")
+    assert summary["quant_block"] == art.spec.quant_block == 128 and art.spec.quant_method == "gptq"
+    assert art.record["quantization"]["method"].startswith("GPTQ")
+    assert "17 weights quantized on tinyshakespeare-calib.txt" in "\n".join(lines)
+    q = art.record["verify"]["quality"]
+    assert q["top1_agreement"] >= 0.94 and q["loss_increase"] <= 0.01
+
+
+def test_gptq_weights_do_not_depend_on_how_many_grams_are_held_at_once(monkeypatch):
+    """A model too big for GRAM_BYTES takes a pass over the calibration text per group of weights: the same weights
+    as one pass (here a pass per weight), every quantized matmul included."""
+    import export.quantize as quantize
+
+    model, tok = load_model(NANOGPT_DIR / "ckpt.pt")
+    spec = ExportSpec.for_model(model.config, quantize="int4", quant_block=64, quant_method="gptq")
+    together = quantize.quantize_weights(model, tok, spec)
+    monkeypatch.setattr(quantize, "GRAM_BYTES", 1)
+    apart = quantize.quantize_weights(model, tok, spec)
+    assert len(together) == 4 * model.config.n_layer + 1 and together.keys() == apart.keys()
+    for name, (q, scale) in together.items():
+        assert np.array_equal(q, apart[name][0]) and np.array_equal(scale, apart[name][1]), name
+
+
+def test_spec_quant_method():
+    d = ExportSpec(quantize="int4", quant_block=32).to_dict()
+    del d["quant_method"]  # a config.json written before the field existed
+    assert ExportSpec.from_dict(d).quant_method == "rtn"
+    with pytest.raises(ValueError, match="needs quantize"):
+        ExportSpec(quant_method="gptq")
+    with pytest.raises(ValueError, match="not one of"):
+        ExportSpec(quantize="int4", quant_block=32, quant_method="awq")
+
+
 def test_cli_errors_are_one_line(tmp_path):
     for argv, msg in [
         (["--quantize", "int4", "--opset", "18"], "needs opset >= 21"),
@@ -216,6 +280,9 @@ def test_cli_errors_are_one_line(tmp_path):
         (["--float-lm-head"], "needs --quantize"),
         (["--quant-block", "auto"], "needs --quantize"),
         (["--quantize", "int4", "--quant-block", "auto", "--no-verify"], "needs --quantize and verify"),
+        (["--quant-method", "gptq"], "needs --quantize"),
+        (["--quantize", "int4", "--calib-text", str(tmp_path / "c.txt")], "needs --quant-method gptq"),
+        (["--quantize", "int4", "--quant-method", "gptq", "--calib-text", str(tmp_path / "c.txt")], "not a file"),
     ]:
         with pytest.raises(ModelError, match=msg):
             main(["--model", "demo", "--out", str(tmp_path / "x"), *argv])
