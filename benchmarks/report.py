@@ -45,6 +45,7 @@ QUANT_TARGETS = (  # (key, description, required, "min" | "max")
     ("int4_b128_b8_vs_ov_int4", "int4 block 128 batch 8, x OpenVINO int4 g128 batch 8", 1.1, "min"),
     ("int4_b128_b32_vs_ov_int4", "int4 block 128 batch 32, x OpenVINO int4 g128 batch 32", 1.1, "min"),
 )
+PEER_INT4_ROWS = (("", "ort-int4"), ("_b128", "ort-int4-b128"))  # (key tag, row) of issue 19's targets above
 TARGET_BACKENDS = ("ort-fused", "ort-decomposed")  # the issue's targets are for onnxruntime fp32
 BUSY_OTHER_CPU_SHARE = 0.10  # other processes using more of the CPUs than this during the run flag it as noisy
 TARGETS = (  # (key, description, required)
@@ -138,10 +139,9 @@ def quant_targets(results: dict[str, dict], artifact_bytes: dict[str, dict]) -> 
         "fp32_b1_vs_bare": ratio(tps("ort-fused", "1"), tps("bare-fp32", "1")),
         "int4_b1_vs_bare": ratio(tps("ort-int4", "1"), tps("bare-int4", "1")),
         "int4_file_share": ratio(files.get("int4"), files.get("fused")),
-        **{f"int4{tag}_b1_vs_llama_q4_0": ratio(tps(row, "1"), tps("llama-q4_0", "1"))
-           for tag, row in (("", "ort-int4"), ("_b128", "ort-int4-b128"))},
+        **{f"int4{tag}_b1_vs_llama_q4_0": ratio(tps(row, "1"), tps("llama-q4_0", "1")) for tag, row in PEER_INT4_ROWS},
         **{f"int4{tag}_b{b}_vs_ov_int4": ratio(tps(row, b), tps("ov-int4", b))
-           for tag, row in (("", "ort-int4"), ("_b128", "ort-int4-b128")) for b in ("8", "32")},
+           for tag, row in PEER_INT4_ROWS for b in ("8", "32")},
     }
     out = {}
     for key, desc, required, sense in QUANT_TARGETS:
